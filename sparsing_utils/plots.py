@@ -1,0 +1,233 @@
+"""Figures of the Sparsing Law paper (Luo et al. 2024, arXiv:2411.02335), one function per figure.
+
+Every function draws on matplotlib axes (created when not given), returns the figure,
+and never changes global style; :func:`save_figure` writes a figure to an output folder.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+__all__ = [
+    "save_figure",
+    "plot_activation_vs_data",
+    "plot_limit_vs_scale",
+    "plot_derivative_vs_ratio",
+    "plot_mse_profile",
+    "plot_forecast",
+    "plot_bottleneck",
+    "plot_limit_loss",
+]
+
+
+# ---------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------
+def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (folder created); return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (name if name.endswith(".png") else f"{name}.png")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _scale_value(scale: str) -> float:
+    """``"0.1B"`` -> 0.1 (billions of parameters)."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*[bB]\s*$", str(scale))
+    if not m:
+        raise ValueError(f"cannot read a parameter scale from {scale!r}; expected e.g. '0.1B'")
+    return float(m.group(1))
+
+
+def _palette(scales: Sequence[str]) -> dict[str, tuple]:
+    uniq = sorted(set(scales), key=_scale_value)
+    return dict(zip(uniq, sns.color_palette("viridis", len(uniq))))
+
+
+def _axes(axes, n: int, figsize):
+    if axes is None:
+        fig, axes = plt.subplots(1, n, figsize=figsize, squeeze=False)
+        return fig, list(axes[0])
+    axes = list(np.atleast_1d(axes))
+    return axes[0].figure, axes
+
+
+# ---------------------------------------------------------------------------
+# Laws (Figs. 4, 5, 7, 8, 12)
+# ---------------------------------------------------------------------------
+def plot_activation_vs_data(series, fits: Mapping, published: Mapping | None = None, axes=None):
+    """Fig. 4: activation ratio against training tokens, ReLU and SiLU panels, all scales.
+
+    ``series``: :class:`~sparsing_utils.fitting.ActivationSeries` list; ``fits``: their
+    :class:`~sparsing_utils.fitting.LawFit` by series name (solid curves); ``published``:
+    optional Table 2 coefficients ``{(activation, scale): params}`` (dashed grey curves).
+    """
+    from .laws import get_law
+
+    acts = [a for a in ("relu", "silu") if any(s.activation == a for s in series)]
+    fig, axes = _axes(axes, len(acts), (6 * len(acts), 4.2))
+    colors = _palette([s.scale for s in series])
+    for ax, act in zip(axes, acts):
+        for s in (s for s in series if s.activation == act):
+            col = colors[s.scale]
+            ax.scatter(s.D, s.A, s=12, color=col, alpha=0.75, label=f"{s.scale}")
+            grid = np.geomspace(s.D.min(), s.D.max(), 300)
+            if s.name in fits:
+                ax.plot(grid, fits[s.name].predict(grid), color=col, lw=1.8)
+            if published and (act, s.scale) in published:
+                law = get_law(s.law)
+                ax.plot(grid, law.func(grid, **published[(act, s.scale)]), color="0.45", lw=1, ls="--")
+        ax.set_xlabel("training tokens D (billions)")
+        ax.set_ylabel("PPL-1% activation ratio")
+        ax.set_title(f"{act.upper()} ({'Eq. 4' if act == 'relu' else 'Eq. 5'})")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [plt.Line2D([], [], color="k", lw=1.8)]
+        labels += ["this fit"]
+        if published:
+            handles += [plt.Line2D([], [], color="0.45", lw=1, ls="--")]
+            labels += ["Table 2 (paper)"]
+        ax.legend(handles, labels, fontsize=8, ncol=2)
+    fig.suptitle("Activation ratio vs training data (cf. Luo et al. 2024, Fig. 4)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_limit_vs_scale(table, axes=None):
+    """Fig. 7: limit activation ratio ``A0`` against parameter scale, with bootstrap intervals.
+
+    ``table``: :func:`~sparsing_utils.fitting.compare_with_published` output (columns
+    ``activation, scale, A0, A0_lo, A0_hi`` and optionally ``A0_pub``).
+    """
+    acts = [a for a in ("relu", "silu") if (table["activation"] == a).any()]
+    fig, axes = _axes(axes, len(acts), (5 * len(acts), 3.8))
+    for ax, act in zip(axes, acts):
+        t = table[table["activation"] == act]
+        x = np.array([_scale_value(s) for s in t["scale"]])
+        y = t["A0"].to_numpy(float)
+        err = np.vstack([y - t["A0_lo"].to_numpy(float), t["A0_hi"].to_numpy(float) - y])
+        ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", capsize=4, label="this fit (bootstrap CI)")
+        if "A0_pub" in t:
+            ax.plot(x, t["A0_pub"], "s", mfc="none", color="C3", label="Table 2 (paper)")
+        ax.set_xlabel("parameter scale (billions)")
+        ax.set_ylabel("limit activation ratio A0")
+        ax.set_title(act.upper())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Limit activation ratio vs scale (cf. Luo et al. 2024, Fig. 7)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_derivative_vs_ratio(frame, axes=None):
+    """Fig. 8: ``|dA/dD|`` against the data-to-parameter ratio ``D/N``, per activation and scale.
+
+    ``frame`` has columns ``activation, scale, data_ratio, dA_dD`` (one block per series, from
+    :func:`~sparsing_utils.fitting.derivative_vs_data_ratio`). ReLU curves fall (dA/dD < 0),
+    SiLU curves rise (dA/dD > 0); both axes are logarithmic, so magnitudes are drawn.
+    """
+    acts = [a for a in ("relu", "silu") if (frame["activation"] == a).any()]
+    fig, axes = _axes(axes, len(acts), (5.5 * len(acts), 4))
+    colors = _palette(list(frame["scale"]))
+    for ax, act in zip(axes, acts):
+        t = frame[frame["activation"] == act]
+        for scale, g in t.groupby("scale", sort=False):
+            ax.plot(g["data_ratio"], np.abs(g["dA_dD"]), color=colors[scale], label=scale)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("data-to-parameter ratio D/N (tokens per non-embedding parameter)")
+        sign = "-dA/dD" if act == "relu" else "dA/dD"
+        ax.set_ylabel(f"{sign} (per billion tokens)")
+        ax.set_title(act.upper())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Convergence speed (cf. Luo et al. 2024, Fig. 8)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mse_profile(profile, fit=None, published: float | None = None, title: str = "", ax=None):
+    """Fit error against a fixed limit ``A0`` (all other coefficients refitted).
+
+    Marks the free fit's ``A0`` and its bootstrap interval, and a published value.
+    """
+    col = [c for c in profile.columns if c != "mse"][0]
+    fig, (ax,) = _axes(ax, 1, (5, 3.6))
+    ax.plot(profile[col], profile["mse"], "o-", ms=3)
+    if fit is not None:
+        ax.axvline(fit.params[col], color="C0", ls=":", label=f"fit {col} = {fit.params[col]:.4g}")
+        if fit.limit_ci:
+            ax.axvspan(*fit.limit_ci, color="C0", alpha=0.12, label="bootstrap CI")
+    if published is not None:
+        ax.axvline(published, color="C3", ls="--", label=f"paper {col} = {published:.4g}")
+    ax.set_xlabel(f"{col} (held fixed)")
+    ax.set_ylabel("MSE of the refitted law")
+    ax.set_yscale("log")
+    ax.set_title(title or f"MSE profile in {col}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_forecast(series, forecasts: Sequence[Mapping], ax=None):
+    """Forecast from the first checkpoints: data, and each partial fit extrapolated.
+
+    ``forecasts``: results of :func:`~sparsing_utils.fitting.forecast` (with their ``fit``).
+    """
+    fig, (ax,) = _axes(ax, 1, (5.5, 3.8))
+    ax.scatter(series.D, series.A, s=10, color="0.3", label="checkpoints")
+    grid = np.geomspace(series.D.min(), series.D.max(), 300)
+    for i, fc in enumerate(forecasts):
+        col = f"C{i}"
+        ax.plot(grid, fc["fit"].predict(grid), color=col, label=f"fit on first {fc['train_fraction']:.0%}")
+        ax.axvline(fc["D_train_max"], color=col, ls=":", lw=1)
+    ax.set_xlabel("training tokens D (billions)")
+    ax.set_ylabel("activation ratio")
+    ax.set_title(f"Forecast, {series.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bottleneck(fit, ax=None, xlabel: str = "width-depth ratio (hidden size / layers)"):
+    """Fig. 5: limit activation ratio against width-depth ratio with the bottleneck fit."""
+    fig, (ax,) = _axes(ax, 1, (5, 3.6))
+    ax.scatter(fit.x, fit.y, color="C0", zorder=3, label="models")
+    grid = np.linspace(fit.x.min(), fit.x.max(), 300)
+    ax.plot(grid, fit.predict(grid), color="C1", label="linear, then flat")
+    ax.axvline(fit.x_b, color="C3", ls="--", label=f"bottleneck {fit.x_b:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("limit activation ratio A0")
+    ax.set_title("cf. Luo et al. 2024, Fig. 5")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_limit_loss(fits: Mapping, ax=None):
+    """Fig. 12: limit training loss ``L0`` per model, with bootstrap intervals.
+
+    ``fits``: ``{label: LawFit}`` from :func:`~sparsing_utils.fitting.fit_limit_loss`.
+    """
+    fig, (ax,) = _axes(ax, 1, (max(4.0, 0.8 * len(fits) + 2), 3.6))
+    labels = list(fits)
+    y = np.array([fits[k].params["L0"] for k in labels])
+    lo = np.array([(fits[k].limit_ci or (y[i], y[i]))[0] for i, k in enumerate(labels)])
+    hi = np.array([(fits[k].limit_ci or (y[i], y[i]))[1] for i, k in enumerate(labels)])
+    x = np.arange(len(labels))
+    ax.errorbar(x, y, yerr=np.clip(np.vstack([y - lo, hi - y]), 0, None), fmt="o", capsize=4)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel("limit loss L0")
+    ax.set_title("Limit of the training loss (cf. Luo et al. 2024, Fig. 12)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
