@@ -408,6 +408,14 @@ def _prefit(law: Law, D, y, fixed: Mapping[str, float], size: int, n_starts: int
         else:  # pragma: no cover - guarded by get_law
             raise ValueError(lname)
     specs = {ip.name: ip for ip in _internal_params(law, D)}
+    if not starts:
+        # no admissible grid point (the data run against the law, e.g. a rising series
+        # under Eq. 4): start from the flat curve; the amplitude then ends on its bound
+        flat = {"relu": {"alpha": 1.0, "log_c": 0.0, "b": specs["b"].lo if "b" in specs else 0.0},
+                "silu": {"alpha": 1.0, "log_c": specs["log_c"].lo if "log_c" in specs else 0.0},
+                "loss": {"beta": 1.0, "log_k": specs["log_k"].lo if "log_k" in specs else 0.0}}[lname]
+        lim = law.limit_name
+        starts.append({**flat, lim: float(fixed.get(lim, np.clip(y.mean(), specs[lim].lo, specs[lim].hi)))})
     return [{k: float(np.clip(v, specs[k].lo, specs[k].hi)) for k, v in st.items()} for st in starts]
 
 
@@ -660,8 +668,9 @@ class LawFit:
             "reference": PAPER,
             "package_version": __version__,
         }
-        if spec.limit_name:
-            d[f"{spec.limit_name}_ci"] = d["limit_ci"]
+        # the interval of the limit activation ratio (A0 of Eqs. 4/5; L0 for the loss law);
+        # null where the law has no finite limit or no bootstrap was run
+        d[f"{spec.limit_name or 'A0'}_ci"] = d["limit_ci"]
         if include_data and self.D is not None:
             d["data"] = {"D": self.D.tolist(), "y": self.y.tolist()}
         return _jsonable(d)
@@ -732,8 +741,19 @@ class LawFit:
             )
             lines.append(f"limit {spec.limit_name} = {self.limit:.5g}{ci}")
         elif self.limit is not None:
-            lines.append(f"limit at D -> infinity: {self.limit:.5g}")
-        lines.append("at bound: " + (", ".join(self.at_bound) if self.at_bound else "none"))
+            ci = f", {pct} CI [{self.limit_ci[0]:.4g}, {self.limit_ci[1]:.4g}]" if self.limit_ci else ""
+            lines.append(f"limit at D -> infinity: {self.limit:.5g}{ci}")
+        else:
+            lines.append("limit at D -> infinity: none (the law grows without bound)")
+        lines.append(
+            "at bound: "
+            + (
+                ", ".join(self.at_bound)
+                + "  (the least-squares optimum is degenerate in this direction; see mse_profile)"
+                if self.at_bound
+                else "none"
+            )
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:  # pragma: no cover - convenience
@@ -882,8 +902,8 @@ def fit_law(
     if n_bootstrap and not hold:
         cis, lim_ci, info, samples = _bootstrap(spec, D, A, core, n_bootstrap, seed, bootstrap, level)
         fit.bootstrap_ci, fit.limit_ci, fit.bootstrap, fit.bootstrap_samples = cis, lim_ci, info, samples
-        if spec.limit_name is None:
-            fit.limit_ci = None  # the limit is not one of the coefficients (it may be infinite)
+        if fit.limit is None:
+            fit.limit_ci = None  # no finite limit (the logarithmic law grows without bound)
     return fit
 
 
@@ -969,6 +989,7 @@ def mse_profile(
         if spec.name == "relu":  # A0 below every observed point, else the curve cannot pass them
             hi_b = min(hi_b, float(np.min(A)))
         values = np.linspace(max(lo - pad, lo_b), min(hi + pad, hi_b), n)
+        values = np.unique(np.append(values, fit.params[lim]))  # the free optimum itself
     rows = []
     for v in np.asarray(values, dtype=float):
         try:
@@ -989,10 +1010,22 @@ def profile_interval(profile, n_points: int, level: float = 0.95, column: str | 
     x = profile[col].to_numpy(float)
     m = profile["mse"].to_numpy(float)
     ok = np.isfinite(m)
-    x, m = x[ok], m[ok]
-    stat = n_points * np.log(m / m.min())
-    inside = x[stat <= chi2.ppf(level, 1)]
-    return float(inside.min()), float(inside.max())
+    order = np.argsort(x[ok])
+    x, m = x[ok][order], m[ok][order]
+    excess = n_points * np.log(m / m.min()) - chi2.ppf(level, 1)
+    i = int(np.argmin(m))
+    lo_i, hi_i = i, i
+    while lo_i > 0 and excess[lo_i - 1] <= 0:
+        lo_i -= 1
+    while hi_i < len(x) - 1 and excess[hi_i + 1] <= 0:
+        hi_i += 1
+
+    def cross(a, b):  # linear interpolation of the threshold crossing between grid points
+        return x[a] + (x[b] - x[a]) * (0 - excess[a]) / (excess[b] - excess[a])
+
+    low = cross(lo_i, lo_i - 1) if lo_i > 0 else x[0]
+    high = cross(hi_i, hi_i + 1) if hi_i < len(x) - 1 else x[-1]
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------
