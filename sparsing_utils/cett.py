@@ -1,0 +1,261 @@
+"""CETT and per-layer thresholds: pure tensor math, no model here.
+
+Definitions (Luo et al. 2024, Sec. 3.1 / Eq. 1-2; PAPER.md Sec. 1). For one token with FFN
+activation vector ``a`` (``d_ff`` entries) and output projection ``W_down``:
+
+* neuron output norm ``n_i = |a_i| * ||W_down[:, i]||_2``
+* a neuron is *activated* when ``n_i > eps``; the truncated tail is ``D = {i : n_i <= eps}``
+* ``CETT(eps) = || sum_{i in D} a_i W_down[:, i] ||_2 / || W_down a ||_2``; a layer's CETT is
+  the mean over tokens.
+
+The search rule and the inference rule are the same comparison (``<=`` truncates, ``>``
+keeps), unlike the official code, whose search uses ``<=`` and inference ``<``.
+
+Everything here is batched: many candidate thresholds are evaluated with one stacked
+matrix product per chunk of tokens, on the device of the inputs, with float32 statistics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "neuron_norms",
+    "truncated_norms",
+    "cett_per_token",
+    "cett_statistics",
+    "CETTCurve",
+    "NormHistogram",
+    "interpolate_thresholds",
+    "refine_thresholds",
+    "default_compute_dtype",
+]
+
+
+def default_compute_dtype(a: torch.Tensor) -> torch.dtype:
+    """Products run in the activations' own half precision on CUDA (fp32 accumulation in the
+    matrix units) and in float32 on the CPU."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return a.dtype
+    return torch.float32
+
+
+def neuron_norms(a: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """``|a_i| * ||W_down[:, i]||`` (PAPER.md Sec. 1): ``[tokens, d_ff]`` float32."""
+    return a.float().abs() * col_norms.float()  # [tokens, d_ff]
+
+
+def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
+                    thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
+                    max_elements: int = 1 << 26) -> torch.Tensor:
+    """``|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||`` for each threshold: ``[K, tokens]``.
+
+    a: ``[tokens, d_ff]``; w_t: ``W_down`` transposed ``[d_ff, d_model]``; thresholds: ``[K]``.
+    The K masked copies of a chunk of ``a`` are stacked into one ``[K*t, d_ff] @ [d_ff, d_model]``
+    product; chunks keep ``K * t * d_ff <= max_elements``.
+    """
+    if a.dim() != 2:
+        raise ValueError(f"a must be [tokens, d_ff], got shape {tuple(a.shape)}")
+    thresholds = thresholds.reshape(-1).to(device=a.device, dtype=torch.float32)
+    cd = compute_dtype or default_compute_dtype(a)
+    w = w_t.to(device=a.device, dtype=cd)
+    cn = col_norms.to(device=a.device, dtype=torch.float32)
+    tokens, d_ff = a.shape
+    n_k = thresholds.numel()
+    out = torch.empty(n_k, tokens, device=a.device, dtype=torch.float32)  # [K, tokens]
+    if tokens == 0 or n_k == 0:
+        return out
+    k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
+    for k0 in range(0, n_k, k_group):
+        eps = thresholds[k0:k0 + k_group]  # [k]
+        k = eps.numel()
+        t_chunk = max(1, max_elements // (k * d_ff))
+        for t0 in range(0, tokens, t_chunk):
+            ac = a[t0:t0 + t_chunk]  # [t, d_ff]
+            n = ac.float().abs() * cn  # [t, d_ff]
+            mask = n.unsqueeze(0) <= eps.view(k, 1, 1)  # [k, t, d_ff]
+            masked = ac.to(cd).unsqueeze(0) * mask  # [k, t, d_ff]
+            s = masked.reshape(-1, d_ff) @ w  # [k*t, d_model]
+            out[k0:k0 + k, t0:t0 + ac.shape[0]] = s.float().norm(dim=-1).view(k, -1)
+    return out
+
+
+def cett_per_token(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+                   y_norm: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """CETT of every token at every threshold (Eq. 2): ``[K, tokens]``.
+
+    ``y_norm`` (``[tokens]``) is ``||W_down a||``; computed here when not given. A token whose
+    FFN output is exactly zero has nothing to truncate: its CETT is 0.
+    """
+    if y_norm is None:
+        y_norm = (a.to(default_compute_dtype(a)) @ w_t.to(a.device, default_compute_dtype(a))).float().norm(dim=-1)
+    num = truncated_norms(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
+    y = y_norm.to(num.device, torch.float32).unsqueeze(0)  # [1, tokens]
+    return torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+
+
+def cett_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
+                    y_norm: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over tokens of CETT and of the number of activated neurons, per threshold.
+
+    Returns ``(cett_sum [K], active_sum [K])`` in float64, ready to be added across chunks,
+    batches and processes (then divided by the token count, and ``d_ff`` for the ratio).
+    """
+    cett = cett_per_token(a, w_t, col_norms, thresholds, y_norm, **kw)  # [K, tokens]
+    n = neuron_norms(a, col_norms)  # [tokens, d_ff]
+    eps = thresholds.reshape(-1).to(n.device, torch.float32)
+    active = torch.stack([(n > e).sum() for e in eps]).double() if eps.numel() else torch.zeros(0)
+    return cett.double().sum(dim=1), active.to(cett.device)
+
+
+class NormHistogram:
+    """Per-layer histogram of ``log10`` neuron norms, accumulated chunk by chunk.
+
+    Gives quantiles of the norm distribution without keeping activations in memory; used to
+    place the candidate thresholds of each layer's CETT curve. Exact zeros (ReLU) are
+    counted apart. Bins are 1/256 decade wide over [1e-12, 1e6): quantiles to 0.9%.
+    """
+
+    LOG_MIN, LOG_MAX, BINS = -12.0, 6.0, 18 * 256
+
+    def __init__(self, n_layers: int, device: torch.device | str = "cpu"):
+        self.counts = torch.zeros(n_layers, self.BINS, dtype=torch.float64, device=device)
+        self.zeros = torch.zeros(n_layers, dtype=torch.float64, device=device)
+
+    def add(self, layer: int, norms: torch.Tensor) -> None:
+        flat = norms.reshape(-1)
+        positive = flat[flat > 0]
+        self.zeros[layer] += flat.numel() - positive.numel()
+        logs = positive.log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
+        idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
+        self.counts[layer] += torch.bincount(idx, minlength=self.BINS).to(self.counts)
+
+    def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
+        """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.
+
+        A level inside the mass of exact zeros maps to 0; otherwise the upper edge of the bin
+        in which the cumulative count first reaches the level (so at least that fraction of
+        norms is ``<=`` the value).
+        """
+        levels = levels.to(self.counts.device, torch.float64)
+        total = self.counts.sum(dim=1) + self.zeros  # [layers]
+        cum = self.zeros.unsqueeze(1) + self.counts.cumsum(dim=1)  # [layers, bins]
+        want = levels.unsqueeze(0) * total.unsqueeze(1)  # [layers, K]
+        idx = torch.searchsorted(cum.contiguous(), want.contiguous()).clamp_max(self.BINS - 1)
+        width = (self.LOG_MAX - self.LOG_MIN) / self.BINS
+        values = 10 ** (self.LOG_MIN + (idx.double() + 1) * width)
+        values = torch.where(want <= self.zeros.unsqueeze(1), torch.zeros_like(values), values)
+        return values.float()
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.counts)
+            dist.all_reduce(self.zeros)
+
+
+@dataclass
+class CETTCurve:
+    """Mean CETT of each layer on a grid of thresholds (monotone in the threshold).
+
+    eps: ``[layers, K]`` ascending per layer, starting with 0; cett: ``[layers, K]``.
+    """
+
+    eps: torch.Tensor
+    cett: torch.Tensor
+    active: torch.Tensor | None = None  # activation ratio at each grid point [layers, K]
+
+    def add_points(self, eps: torch.Tensor, cett: torch.Tensor) -> "CETTCurve":
+        """Merge exact evaluations ``[layers, M]`` into the grid (kept sorted by eps)."""
+        e = torch.cat([self.eps, eps.to(self.eps)], dim=1)
+        c = torch.cat([self.cett, cett.to(self.cett)], dim=1)
+        order = e.argsort(dim=1)
+        return CETTCurve(e.gather(1, order), c.gather(1, order))
+
+
+def interpolate_thresholds(curve: CETTCurve, target: float | torch.Tensor) -> torch.Tensor:
+    """Per-layer threshold at which the (interpolated) mean CETT equals ``target``: ``[layers]``.
+
+    Linear interpolation between the two grid points around the target, on the running
+    maximum of the curve (CETT need not be strictly monotone). A target above the curve's
+    last point returns that point's threshold.
+    """
+    eps, cett = curve.eps.double(), curve.cett.double()  # [L, K]
+    mono = cett.cummax(dim=1).values
+    layers, k = mono.shape
+    t = torch.as_tensor(target, dtype=torch.float64, device=mono.device).expand(layers).reshape(layers, 1)
+    hi = torch.searchsorted(mono.contiguous(), t.contiguous()).clamp(1, k - 1)  # first index with c >= t
+    lo = hi - 1
+    e0, e1 = eps.gather(1, lo), eps.gather(1, hi)
+    c0, c1 = mono.gather(1, lo), mono.gather(1, hi)
+    frac = ((t - c0) / (c1 - c0).clamp_min(1e-30)).clamp(0, 1)
+    out = e0 + frac * (e1 - e0)
+    out = torch.where(t >= mono[:, -1:], eps[:, -1:], out)
+    return out.squeeze(1).float()
+
+
+def refine_thresholds(evaluate, curve: CETTCurve, target: float, *, tol: float = 1e-4,
+                      max_iter: int = 8) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact per-layer thresholds for a target mean CETT, by safeguarded secant steps.
+
+    ``evaluate(eps [layers], active [layers] bool) -> cett [layers]`` computes the exact mean
+    CETT of every active layer (on all tokens); the curve gives the first guess and the local
+    slope. Each iteration costs one evaluation (one product per unconverged layer). Returns
+    ``(eps [layers], cett [layers], evaluations)``; layers whose target is out of reach keep
+    their best point.
+    """
+    eps = interpolate_thresholds(curve, target).double()
+    layers = eps.numel()
+    lo_e = torch.zeros(layers, dtype=torch.float64, device=eps.device)
+    lo_c = torch.zeros_like(lo_e)
+    hi_e = torch.full_like(lo_e, math.inf)
+    hi_c = torch.full_like(lo_e, math.inf)
+    prev_e = prev_c = None
+    cur_c = torch.full_like(lo_e, math.nan)
+    active = torch.ones(layers, dtype=torch.bool, device=eps.device)
+    evals = 0
+    best_e, best_c = eps.clone(), torch.full_like(lo_e, math.inf)
+    for _ in range(max_iter):
+        c = evaluate(eps.float(), active).double().to(eps.device)
+        evals += 1
+        cur_c = torch.where(active, c, cur_c)
+        better = active & ((cur_c - target).abs() < (best_c - target).abs())
+        best_e = torch.where(better, eps, best_e)
+        best_c = torch.where(better, cur_c, best_c)
+        below = active & (cur_c < target)
+        above = active & (cur_c >= target)
+        lo_e, lo_c = torch.where(below & (eps >= lo_e), eps, lo_e), torch.where(below & (eps >= lo_e), cur_c, lo_c)
+        hi_e, hi_c = torch.where(above & (eps <= hi_e), eps, hi_e), torch.where(above & (eps <= hi_e), cur_c, hi_c)
+        active = active & ((cur_c - target).abs() > tol)
+        if not bool(active.any()):
+            break
+        # Secant from the last two points; first step uses the curve's local slope.
+        if prev_e is None:
+            slope = _curve_slope(curve, eps)
+        else:
+            de = eps - prev_e
+            slope = torch.where(de.abs() > 0, (cur_c - prev_c) / de, _curve_slope(curve, eps))
+        slope = torch.where(slope > 0, slope, _curve_slope(curve, eps))
+        step = eps + (target - cur_c) / slope.clamp_min(1e-30)
+        # Keep inside the bracket; bisect (geometrically on the finite side) when it escapes.
+        finite_hi = torch.isfinite(hi_e)
+        mid = torch.where(finite_hi, 0.5 * (lo_e + hi_e), torch.maximum(2 * eps, lo_e * 2 + 1e-12))
+        bad = ~torch.isfinite(step) | (step <= lo_e) | (finite_hi & (step >= hi_e))
+        new = torch.where(bad, mid, step)
+        prev_e, prev_c = eps, cur_c
+        eps = torch.where(active, new, eps)
+    return best_e.float(), best_c.float(), evals
+
+
+def _curve_slope(curve: CETTCurve, at: torch.Tensor) -> torch.Tensor:
+    """d(mean CETT)/d(eps) of the grid segment containing ``at`` (per layer)."""
+    eps, cett = curve.eps.double(), curve.cett.double().cummax(dim=1).values
+    k = eps.shape[1]
+    hi = torch.searchsorted(eps.contiguous(), at.double().reshape(-1, 1).contiguous()).clamp(1, k - 1)
+    lo = hi - 1
+    de = eps.gather(1, hi) - eps.gather(1, lo)
+    dc = cett.gather(1, hi) - cett.gather(1, lo)
+    return (dc / de.clamp_min(1e-30)).squeeze(1)

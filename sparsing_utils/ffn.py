@@ -1,0 +1,267 @@
+"""Find every layer's FFN and read or edit its activation vector ``a``.
+
+The paper (Luo et al. 2024, Sec. 3.1, and PAPER.md Sec. 1) defines a neuron's output as
+``n_i = a_i * W_down[:, i]``, where ``a`` is the input of the FFN's *last* linear map:
+``a = act(W_gate x) * (W_up x)`` for gated FFNs (Llama, Mistral, Qwen2, Gemma, Phi-3,
+MiniCPM, SmolLM2) and ``a = act(W_in x)`` for plain ones (GPT-2, OPT, GPT-NeoX). One
+forward pre-hook on that output projection therefore reads and edits ``a`` for every
+architecture. The gated models' Top-k and FAT baselines rank neurons by the gate
+activation ``act(W_gate x)``, which a forward hook on the activation module provides.
+
+Hooks exist only inside the context managers below and are removed in ``finally``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FFNSite",
+    "FFN_REGISTRY",
+    "find_ffn_sites",
+    "read_activations",
+    "edit_activations",
+    "count_hooks",
+]
+
+
+@dataclass(frozen=True)
+class _Family:
+    layers: str  # dotted path from the model to the ModuleList of decoder layers
+    down: str  # dotted path from a layer to the FFN output projection (input = a)
+    act: str | None  # dotted path from a layer to the activation module
+    gated: bool
+
+
+# model_type -> where the FFN lives. The structural fallback in ``find_ffn_sites`` covers
+# families missing here that follow the same shapes.
+_GATED_LLAMA_LIKE = _Family("model.layers", "mlp.down_proj", "mlp.act_fn", True)
+FFN_REGISTRY: dict[str, _Family] = {
+    **{
+        name: _GATED_LLAMA_LIKE
+        for name in (
+            "llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2", "olmo",
+            "olmo2", "granite", "cohere", "minicpm", "stablelm", "smollm3", "helium", "glm",
+            "internlm2", "deepseek_v2_dense", "yi", "baichuan",
+        )
+    },
+    "gemma3_text": _GATED_LLAMA_LIKE,
+    "phi3": _Family("model.layers", "mlp.down_proj", "mlp.activation_fn", True),
+    "gpt2": _Family("transformer.h", "mlp.c_proj", "mlp.act", False),
+    "gpt_bigcode": _Family("transformer.h", "mlp.c_proj", "mlp.act", False),
+    "opt": _Family("model.decoder.layers", "fc2", "activation_fn", False),
+    "gpt_neox": _Family("gpt_neox.layers", "mlp.dense_4h_to_h", "mlp.act", False),
+    "phi": _Family("model.layers", "mlp.fc2", "mlp.activation_fn", False),
+    "falcon": _Family("transformer.h", "mlp.dense_4h_to_h", "mlp.act", False),
+    "gptj": _Family("transformer.h", "mlp.fc_out", "mlp.act", False),
+    "bloom": _Family("transformer.h", "mlp.dense_4h_to_h", None, False),
+}
+
+# Where the structural fallback looks for the decoder layers and the output projection.
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                "transformer.layers", "transformer.blocks", "layers", "h", "decoder.layers")
+_DOWN_NAMES = ("mlp.down_proj", "mlp.c_proj", "fc2", "mlp.fc2", "mlp.dense_4h_to_h",
+               "mlp.fc_out", "feed_forward.w2", "mlp.w2", "ffn.down_proj", "mlp.out_proj")
+_ACT_NAMES = ("mlp.act_fn", "mlp.act", "mlp.activation_fn", "activation_fn", "feed_forward.act_fn")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    obj: object = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, nn.Module) else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight [in, out], y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class FFNSite:
+    """One layer's FFN: its output projection (whose input is ``a``) and activation module."""
+
+    index: int
+    name: str  # qualified name of the output projection inside the model
+    module: nn.Module  # nn.Linear(d_ff -> d_model) or GPT-2 Conv1D
+    act_module: nn.Module | None  # gate activation act(W_gate x) (gated FFNs only)
+    gated: bool
+    d_ff: int
+    d_model: int
+
+    def weight_t(self) -> torch.Tensor:
+        """``W_down`` transposed, ``[d_ff, d_model]``, so that ``y = a @ weight_t()``."""
+        w = self.module.weight
+        return w if _is_conv1d(self.module) else w.t()
+
+    def column_norms(self) -> torch.Tensor:
+        """``||W_down[:, i]||_2`` for each neuron, float32 ``[d_ff]`` (PAPER.md Sec. 1)."""
+        return self.weight_t().detach().float().norm(dim=1)
+
+
+def find_ffn_sites(model: nn.Module) -> list[FFNSite]:
+    """Locate every decoder layer's FFN output projection.
+
+    Looks up ``config.model_type`` in :data:`FFN_REGISTRY`; otherwise searches the usual
+    layer containers and projection names and checks shapes (input = ``d_ff``, output =
+    hidden size). An unknown model gets a ``ValueError`` naming everything searched.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    family = FFN_REGISTRY.get(model_type) if model_type else None
+    tried: list[str] = []
+    if family is not None:
+        layers = _get(model, family.layers)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            sites = _sites_from(layers, family.layers, (family.down,), (family.act,) if family.act else (),
+                                family.gated)
+            if sites:
+                return sites
+        tried.append(f"registry entry for {model_type!r}: {family.layers}[i].{family.down}")
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            gated = _looks_gated(layers[0])
+            sites = _sites_from(layers, path, _DOWN_NAMES, _ACT_NAMES, gated)
+            if sites:
+                return sites
+    tried.append("layer containers " + ", ".join(_LAYER_PATHS))
+    tried.append("output projections " + ", ".join(_DOWN_NAMES))
+    raise ValueError(
+        f"no FFN found in {type(model).__name__} (model_type={model_type!r}). Searched: "
+        + "; ".join(tried)
+        + ". Add an entry to sparsing_utils.ffn.FFN_REGISTRY naming the layer list and the "
+        "FFN's last linear map (its input is the activation vector a)."
+    )
+
+
+def _looks_gated(layer: nn.Module) -> bool:
+    names = {name.rsplit(".", 1)[-1] for name, _ in layer.named_modules()}
+    return "gate_proj" in names or "gate_up_proj" in names or {"w1", "w3"} <= names
+
+
+def _sites_from(layers: nn.ModuleList, path: str, down_names: Sequence[str], act_names: Sequence[str],
+                gated: bool) -> list[FFNSite]:
+    sites = []
+    act_seen: set[int] = set()
+    for i, layer in enumerate(layers):
+        found = None
+        for down in down_names:
+            module = _get(layer, down)
+            shape = _in_out(module) if module is not None else None
+            if shape is not None:
+                found = (down, module, shape)
+                break
+        if found is None:
+            return []
+        down, module, (d_ff, d_model) = found
+        act = None
+        if gated:
+            for name in act_names:
+                candidate = _get(layer, name)
+                if candidate is not None and id(candidate) not in act_seen:
+                    act = candidate
+                    act_seen.add(id(candidate))
+                    break
+        sites.append(FFNSite(i, f"{path}.{i}.{down}", module, act, gated, d_ff, d_model))
+    return sites
+
+
+# ---------------------------------------------------------------------------------------
+# Context managers. The callbacks receive the FFN site and tensors shaped [batch, seq, d_ff].
+# ---------------------------------------------------------------------------------------
+
+ReadFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], None]
+EditFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+@contextlib.contextmanager
+def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequence[FFNSite] | None = None,
+                     with_output: bool = False) -> Iterator[list[FFNSite]]:
+    """Call ``fn(site, a)`` (or ``fn(site, a, y)`` with ``with_output``) on every forward.
+
+    ``a`` is the FFN activation vector ``[batch, seq, d_ff]``; ``y = W_down a`` is the FFN
+    output without its bias ``[batch, seq, d_model]`` (the sum of the neuron outputs, the
+    denominator of CETT, Eq. 2). One forward hook per layer, removed on exit.
+    """
+    sites = list(sites) if sites is not None else find_ffn_sites(model)
+    handles = []
+    try:
+        for site in sites:
+            if with_output:
+                def hook(module, args, output, _site=site):
+                    bias = _bias(module)
+                    y = output - bias if bias is not None else output
+                    fn(_site, args[0], y)
+            else:
+                def hook(module, args, output, _site=site):
+                    fn(_site, args[0])
+            handles.append(site.module.register_forward_hook(hook))
+        yield sites
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] | None = None,
+                     need_gate: bool = False) -> Iterator[list[FFNSite]]:
+    """Replace ``a`` by ``fn(site, a, gate)`` on every forward (``None`` keeps ``a``).
+
+    ``gate`` is ``act(W_gate x)`` for gated FFNs when ``need_gate`` (captured by a forward
+    hook on the activation module), and ``a`` itself for plain FFNs, whose activation
+    vector *is* the gate. All hooks are removed on exit, also after an exception.
+    """
+    sites = list(sites) if sites is not None else find_ffn_sites(model)
+    if need_gate:
+        missing = [s.name for s in sites if s.gated and s.act_module is None]
+        if missing:
+            raise ValueError(
+                f"a gate-ranked rule needs the activation module act(W_gate x), not found next to "
+                f"{missing[0]} (and {len(missing) - 1} more); use a rule that scores by |a| instead"
+            )
+    gates: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for site in sites:
+            if need_gate and site.gated:
+                def act_hook(module, args, output, _site=site):
+                    gates[_site.index] = output
+                handles.append(site.act_module.register_forward_hook(act_hook))
+
+            def pre_hook(module, args, _site=site):
+                a = args[0]
+                gate = (gates.pop(_site.index, None) if _site.gated else a) if need_gate else None
+                new = fn(_site, a, gate)
+                if new is None:
+                    return None
+                return (new,) + tuple(args[1:])
+            handles.append(site.module.register_forward_pre_hook(pre_hook))
+        yield sites
+    finally:
+        for handle in handles:
+            handle.remove()
+        gates.clear()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks on all modules of ``model`` (0 for a clean model)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

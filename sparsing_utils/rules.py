@@ -1,0 +1,176 @@
+"""Sparsification rules: which neurons of ``a`` are activated on each token.
+
+* :class:`CETTRule` - the paper's rule: activated when ``|a_i| * ||W_down[:, i]|| > eps_l``,
+  one threshold per layer, chosen by CETT (Luo et al. 2024, Sec. 3.1, PAPER.md Sec. 1).
+* :class:`TopKRule` - Top-k baseline (Fig. 3): the ``k = ratio * d_ff`` neurons with the
+  largest score per token; ``scope="global"`` is the official code's variant that ranks the
+  whole batch at once.
+* :class:`FATRule` - FAT-eps baseline (Fig. 3): activated when ``|act(W_gate x)_i| > eps``.
+* :class:`ReLURule` - straightforward ReLU sparsity: activated when ``a_i != 0``.
+* :class:`DenseRule` - keeps everything (a control: identical to the unhooked model).
+
+A rule maps ``(site, a, gate, col_norms)`` to a boolean mask shaped like ``a``
+(``True`` = activated); :func:`apply_rule` zeroes the rest inside a context manager.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .ffn import FFNSite, edit_activations, find_ffn_sites
+
+__all__ = ["SparsityRule", "CETTRule", "TopKRule", "FATRule", "ReLURule", "DenseRule", "apply_rule"]
+
+
+class SparsityRule:
+    """Base class. ``need_gate``: the rule scores neurons by ``act(W_gate x)``."""
+
+    name = "rule"
+    need_gate = False
+
+    def keep(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None,
+             col_norms: torch.Tensor) -> torch.Tensor:  # [..., d_ff] bool
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"rule": self.name}
+
+
+@dataclass
+class CETTRule(SparsityRule):
+    """Activated iff the neuron output norm ``|a_i| * ||W_down[:, i]||`` exceeds ``eps_l``."""
+
+    thresholds: Sequence[float] | torch.Tensor
+    name: str = field(default="cett", init=False)
+
+    def __post_init__(self):
+        t = torch.as_tensor(self.thresholds, dtype=torch.float32).reshape(-1)
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError("CETT thresholds must be finite and >= 0 (one per layer)")
+        self.thresholds = t
+
+    def keep(self, site, a, gate, col_norms):
+        eps = self.thresholds[site.index]
+        return a.float().abs() * col_norms > eps  # [..., d_ff]
+
+    def describe(self):
+        return {"rule": self.name, "thresholds": self.thresholds.tolist()}
+
+
+@dataclass
+class TopKRule(SparsityRule):
+    """Keep the ``round(ratio * d_ff)`` neurons with the largest score on each token.
+
+    score: ``"gate"`` ranks by ``|act(W_gate x)|`` as the paper's baseline does (plain FFNs:
+    ``|a|``); ``"magnitude"`` by ``|a|``; ``"norm"`` by ``|a_i| * ||W_down[:, i]||``.
+    scope: ``"token"`` (the common per-token definition: exactly k per token) or ``"global"``
+    (the official code's variant: one ranking over every token of the batch and layer).
+    """
+
+    ratio: float
+    score: str = "gate"
+    scope: str = "token"
+    name: str = field(default="topk", init=False)
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"Top-k ratio must be in (0, 1], got {self.ratio}")
+        if self.score not in ("gate", "magnitude", "norm"):
+            raise ValueError(f"unknown Top-k score {self.score!r}: use 'gate', 'magnitude' or 'norm'")
+        if self.scope not in ("token", "global"):
+            raise ValueError(f"unknown Top-k scope {self.scope!r}: use 'token' or 'global' (official)")
+        self.need_gate = self.score == "gate"
+        if self.scope == "global":
+            self.name = "topk_global_official"
+
+    def keep(self, site, a, gate, col_norms):
+        if self.score == "gate":
+            s = gate.float().abs()
+        elif self.score == "norm":
+            s = a.float().abs() * col_norms
+        else:
+            s = a.float().abs()
+        d_ff = s.shape[-1]
+        if self.scope == "token":
+            k = max(1, min(d_ff, round(self.ratio * d_ff)))
+            idx = s.topk(k, dim=-1).indices
+            return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+        flat = s.reshape(-1)
+        k = max(1, min(flat.numel(), round(self.ratio * flat.numel())))
+        idx = flat.topk(k).indices
+        return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True).view_as(s)
+
+    def describe(self):
+        return {"rule": self.name, "ratio": self.ratio, "score": self.score, "scope": self.scope}
+
+
+@dataclass
+class FATRule(SparsityRule):
+    """FAT-eps: activated iff ``|act(W_gate x)_i| > eps`` (one ``eps`` for all layers)."""
+
+    eps: float
+    name: str = field(default="fat", init=False)
+    need_gate: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        if not (self.eps >= 0 and torch.isfinite(torch.tensor(self.eps))):
+            raise ValueError(f"FAT eps must be finite and >= 0, got {self.eps}")
+
+    def keep(self, site, a, gate, col_norms):
+        return gate.float().abs() > self.eps
+
+    def describe(self):
+        return {"rule": self.name, "eps": self.eps}
+
+
+@dataclass
+class ReLURule(SparsityRule):
+    """Straightforward ReLU sparsity: a neuron is activated iff ``a_i != 0``."""
+
+    name: str = field(default="relu", init=False)
+
+    def keep(self, site, a, gate, col_norms):
+        return a != 0
+
+
+@dataclass
+class DenseRule(SparsityRule):
+    """Keeps every neuron (the model is unchanged; used as a control)."""
+
+    name: str = field(default="dense", init=False)
+
+    def keep(self, site, a, gate, col_norms):
+        return torch.ones_like(a, dtype=torch.bool)
+
+
+Recorder = Callable[[FFNSite, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite] | None = None,
+               record: Recorder | None = None) -> Iterator[list[FFNSite]]:
+    """Run ``model`` with the non-activated entries of ``a`` set to zero.
+
+    ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``,
+    for activation statistics. Hooks are removed on exit, also after an exception.
+    """
+    sites = list(sites) if sites is not None else find_ffn_sites(model)
+    norms = {s.index: s.column_norms().to(s.module.weight.device) for s in sites}
+
+    def edit(site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        if not torch.isfinite(a).all():
+            raise FloatingPointError(
+                f"non-finite FFN activations at {site.name}: the model produces NaN/inf on this "
+                "input; check the dtype (try float32) and the input ids"
+            )
+        keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
+        if record is not None:
+            record(site, keep)
+        return a * keep.to(a.dtype)
+
+    with edit_activations(model, edit, sites=sites, need_gate=rule.need_gate):
+        yield sites
