@@ -71,6 +71,11 @@ __all__ = [
     "forecast_table",
     "derivative_vs_data_ratio",
     "fits_to_frame",
+    "series_overview",
+    "derivative_table",
+    "derivative_at_ratios",
+    "limit_disagreements",
+    "limit_vs_first_checkpoints",
     "save_fits",
     "write_json_atomic",
 ]
@@ -559,6 +564,9 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "w") as fh:
             fh.write(text + "\n")
             fh.flush()
@@ -1056,6 +1064,65 @@ def fits_to_frame(fits: Mapping[str, LawFit]):
     return pd.DataFrame(rows)
 
 
+def series_overview(series: Sequence[ActivationSeries]):
+    """One row per series: number of checkpoints, token range (billions), first and last ratio."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "series": s.name,
+                "activation": s.activation,
+                "scale": s.scale,
+                "law": f"{s.law} ({get_law(s.law).reference})",
+                "n_points": len(s),
+                "D_min": float(s.D.min()),
+                "D_max": float(s.D.max()),
+                "A_first": float(s.A[0]),
+                "A_last": float(s.A[-1]),
+            }
+            for s in series
+        ]
+    )
+
+
+def derivative_table(series: Sequence[ActivationSeries], fits: Mapping[str, LawFit], n_params=None, num: int = 200):
+    """Fig. 8 for many series: :func:`derivative_vs_data_ratio` stacked, with series columns.
+
+    ``n_params`` maps scale to non-embedding parameters (default: Table 3 of the paper).
+    """
+    import pandas as pd
+
+    N = n_params or non_embedding_params()
+    frames = []
+    for s in series:
+        if s.scale not in N:
+            raise ValueError(f"no parameter count for scale {s.scale}; pass n_params={{'{s.scale}': N}}")
+        df = derivative_vs_data_ratio(fits[s.name], N[s.scale], num=num)
+        frames.append(df.assign(series=s.name, activation=s.activation, scale=s.scale, n_params=N[s.scale]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def derivative_at_ratios(table, ratios: Sequence[float] = (10, 30, 100, 200), column: str = "dA_dratio"):
+    """Read Fig. 8 at fixed data-to-parameter ratios: rows series, columns ``D/N``.
+
+    ``table`` comes from :func:`derivative_table`; values are interpolated in ``log(D/N)``;
+    ratios outside a series' checkpoint range are left empty (no extrapolation).
+    """
+    import pandas as pd
+
+    rows = []
+    for name, g in table.groupby("series", sort=False):
+        x = np.log(g["data_ratio"].to_numpy(float))
+        y = g[column].to_numpy(float)
+        row = {"series": name}
+        for r in ratios:
+            lr = math.log(r)
+            row[f"D/N={r:g}"] = float(np.interp(lr, x, y)) if x.min() <= lr <= x.max() else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("series")
+
+
 def save_fits(fits: Mapping[str, LawFit], path: str | os.PathLike, extra: Mapping | None = None) -> Path:
     """Write several fits as one JSON object ``{"fits": {name: fit.to_dict()}, ...}`` (atomic)."""
     return write_json_atomic({"fits": {k: f.to_dict() for k, f in fits.items()}, **(extra or {})}, path)
@@ -1126,6 +1193,71 @@ def compare_laws(
     df = pd.DataFrame(rows)
     df["best_aic"] = df.groupby("series")["aic"].transform("min") == df["aic"]
     return df
+
+
+def limit_disagreements(
+    series: Sequence[ActivationSeries],
+    fits: Mapping[str, LawFit],
+    table=None,
+    *,
+    n: int = 31,
+    data_dir=None,
+):
+    """Where the published ``A0`` falls outside our bootstrap interval, show why.
+
+    For each such series: the MSE profile in ``A0`` (:func:`mse_profile`, spanning both
+    values), the MSE with ``A0`` held at the published value and every other coefficient
+    refitted, and the likelihood-ratio interval of the profile. Returns
+    ``(summary DataFrame, {series name: profile DataFrame})``.
+    """
+    import pandas as pd
+
+    table = compare_with_published(series, fits, data_dir) if table is None else table
+    by_name = {s.name: s for s in series}
+    rows, profiles = [], {}
+    for r in table.itertuples(index=False):
+        name = f"{r.scale} {r.activation}"
+        if r.A0_pub_in_ci is None or bool(r.A0_pub_in_ci):
+            continue
+        s, f = by_name[name], fits[name]
+        prof = mse_profile(s.D, s.A, f.law, fit=f, include=[r.A0_pub], n=n)
+        at_pub = fit_law(s.D, s.A, f.law, n_bootstrap=0, hold={"A0": float(r.A0_pub)})
+        lr = profile_interval(prof, len(s))
+        profiles[name] = prof
+        rows.append(
+            {
+                "series": name,
+                "A0": f.params["A0"],
+                "A0_lo": r.A0_lo,
+                "A0_hi": r.A0_hi,
+                "A0_pub": r.A0_pub,
+                "profile_lo": lr[0],
+                "profile_hi": lr[1],
+                "mse_fit": f.mse,
+                "mse_refit_at_A0_pub": at_pub.mse,
+                "mse_published": r.mse_published,
+                "mse_increase_at_A0_pub": at_pub.mse / f.mse - 1.0,
+                "at_bound": ", ".join(f.at_bound),
+            }
+        )
+    return pd.DataFrame(rows), profiles
+
+
+def limit_vs_first_checkpoints(series: Sequence[ActivationSeries], drops: Sequence[int] = (0, 1, 2, 3)):
+    """Sensitivity of the fitted limit to the earliest checkpoints: refit without the first
+    ``k`` checkpoints for each ``k`` in ``drops``; one row per series, ``A0`` per ``k``."""
+    import pandas as pd
+
+    rows = []
+    for s in series:
+        row = {"series": s.name}
+        for k in drops:
+            f = fit_law(s.D[k:], s.A[k:], s.law, n_bootstrap=0)
+            row[f"A0_drop{k}"] = f.params["A0"]
+            if f.at_bound:
+                row[f"at_bound_drop{k}"] = ", ".join(f.at_bound)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------
@@ -1206,10 +1338,13 @@ def forecast_table(
 # derived quantities: Fig. 8, Fig. 5, Fig. 12
 # ---------------------------------------------------------------------------
 def derivative_vs_data_ratio(fit: LawFit, n_params: float, D=None, num: int = 200):
-    """Fig. 8: ``dA/dD`` (per billion tokens) against the data-to-parameter ratio ``D/N``.
+    """Fig. 8: the slope of the activation-data curve against the data-to-parameter ratio ``D/N``.
 
     ``N`` is the non-embedding parameter count (Table 3, :func:`~sparsing_utils.laws.non_embedding_params`);
-    ``D/N`` is tokens per parameter. ``D`` defaults to the fitted checkpoint range.
+    ``D/N`` is tokens per parameter. Columns: ``D`` (billions of tokens), ``data_ratio`` (``D/N``),
+    ``dA_dD`` (per billion tokens) and ``dA_dratio`` = ``dA/d(D/N)`` = ``dA_dD * N / 1e9``, the
+    slope of the curve drawn against ``D/N`` (what Fig. 8 compares across scales).
+    ``D`` defaults to the fitted checkpoint range.
     """
     import pandas as pd
 
@@ -1220,7 +1355,15 @@ def derivative_vs_data_ratio(fit: LawFit, n_params: float, D=None, num: int = 20
             raise ValueError("the fit carries no data range; pass D (billions of tokens)")
         D = np.geomspace(fit.D.min(), fit.D.max(), num)
     D = np.asarray(D, dtype=float)
-    return pd.DataFrame({"D": D, "data_ratio": D * TOKENS_PER_UNIT / n_params, "dA_dD": fit.derivative(D)})
+    dA_dD = fit.derivative(D)
+    return pd.DataFrame(
+        {
+            "D": D,
+            "data_ratio": D * TOKENS_PER_UNIT / n_params,
+            "dA_dD": dA_dD,
+            "dA_dratio": dA_dD * n_params / TOKENS_PER_UNIT,
+        }
+    )
 
 
 def fit_limit_loss(D, L, *, n_bootstrap: int = 200, seed: int = 0, bootstrap: str = "residual") -> LawFit:

@@ -19,6 +19,7 @@ __all__ = [
     "plot_limit_vs_scale",
     "plot_derivative_vs_ratio",
     "plot_mse_profile",
+    "plot_mse_profiles",
     "plot_forecast",
     "plot_bottleneck",
     "plot_limit_loss",
@@ -113,6 +114,10 @@ def plot_limit_vs_scale(table, axes=None):
         y = t["A0"].to_numpy(float)
         err = np.vstack([y - t["A0_lo"].to_numpy(float), t["A0_hi"].to_numpy(float) - y])
         ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", capsize=4, label="this fit (bootstrap CI)")
+        if "at_bound" in t:
+            for xi, yi, flag in zip(x, y, t["at_bound"]):
+                if "A0" in str(flag):
+                    ax.annotate("A0 at bound", (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=7)
         if "A0_pub" in t:
             ax.plot(x, t["A0_pub"], "s", mfc="none", color="C3", label="Table 2 (paper)")
         ax.set_xlabel("parameter scale (billions)")
@@ -125,12 +130,13 @@ def plot_limit_vs_scale(table, axes=None):
     return fig
 
 
-def plot_derivative_vs_ratio(frame, axes=None):
-    """Fig. 8: ``|dA/dD|`` against the data-to-parameter ratio ``D/N``, per activation and scale.
+def plot_derivative_vs_ratio(frame, y: str = "dA_dratio", axes=None):
+    """Fig. 8: the slope of the activation-data curve against the data-to-parameter ratio ``D/N``.
 
-    ``frame`` has columns ``activation, scale, data_ratio, dA_dD`` (one block per series, from
-    :func:`~sparsing_utils.fitting.derivative_vs_data_ratio`). ReLU curves fall (dA/dD < 0),
-    SiLU curves rise (dA/dD > 0); both axes are logarithmic, so magnitudes are drawn.
+    ``frame`` has columns ``activation, scale, data_ratio`` and ``y`` (one block per series, from
+    :func:`~sparsing_utils.fitting.derivative_table`): ``dA_dratio`` (slope against ``D/N``,
+    default) or ``dA_dD`` (per billion tokens). ReLU curves fall (slope < 0), SiLU curves rise
+    (slope > 0); both axes are logarithmic, so magnitudes are drawn.
     """
     acts = [a for a in ("relu", "silu") if (frame["activation"] == a).any()]
     fig, axes = _axes(axes, len(acts), (5.5 * len(acts), 4))
@@ -138,12 +144,12 @@ def plot_derivative_vs_ratio(frame, axes=None):
     for ax, act in zip(axes, acts):
         t = frame[frame["activation"] == act]
         for scale, g in t.groupby("scale", sort=False):
-            ax.plot(g["data_ratio"], np.abs(g["dA_dD"]), color=colors[scale], label=scale)
+            ax.plot(g["data_ratio"], np.abs(g[y]), color=colors[scale], label=scale)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("data-to-parameter ratio D/N (tokens per non-embedding parameter)")
-        sign = "-dA/dD" if act == "relu" else "dA/dD"
-        ax.set_ylabel(f"{sign} (per billion tokens)")
+        sign = "-" if act == "relu" else ""
+        ax.set_ylabel(f"{sign}dA/d(D/N)" if y == "dA_dratio" else f"{sign}dA/dD (per billion tokens)")
         ax.set_title(act.upper())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -172,6 +178,26 @@ def plot_mse_profile(profile, fit=None, published: float | None = None, title: s
     ax.set_title(title or f"MSE profile in {col}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mse_profiles(profiles: Mapping, fits: Mapping, published: Mapping[str, float] | None = None, ncols: int = 3):
+    """:func:`plot_mse_profile` for several series in one figure (``{series name: profile}``)."""
+    names = list(profiles)
+    if not names:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no disagreement to profile", ha="center", va="center")
+        return fig
+    ncols = min(ncols, len(names))
+    nrows = int(np.ceil(len(names) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        plot_mse_profile(profiles[name], fits.get(name), (published or {}).get(name), title=name, ax=ax)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Fit error against a fixed limit A0 (other coefficients refitted)")
     fig.tight_layout()
     return fig
 
