@@ -39,7 +39,6 @@ import lmfit
 import numpy as np
 
 from .laws import (
-    LAWS,
     PAPER,
     POWER_LAW,
     Law,
@@ -692,7 +691,10 @@ class LawFit:
             stderr={k: (None if v is None else float(v)) for k, v in d["stderr"].items()},
             fixed=dict(d.get("fixed", {})),
             at_bound=list(d.get("at_bound", [])),
-            bounds={k: tuple(np.inf if x is None else x for x in v) for k, v in d.get("bounds", {}).items()},
+            bounds={
+                k: (-np.inf if v[0] is None else v[0], np.inf if v[1] is None else v[1])
+                for k, v in d.get("bounds", {}).items()
+            },
             n_points=int(d["n_points"]),
             n_free=int(d["n_free"]),
             sse=d["sse"],
@@ -1039,12 +1041,6 @@ def profile_interval(profile, n_points: int, level: float = 0.95, column: str | 
 # ---------------------------------------------------------------------------
 # tables over many series
 # ---------------------------------------------------------------------------
-def _ci(fit: LawFit, name: str):
-    if name == fit.limit_name and fit.limit_ci:
-        return fit.limit_ci
-    return fit.bootstrap_ci.get(name, (np.nan, np.nan))
-
-
 def fits_to_frame(fits: Mapping[str, LawFit]):
     """One row per fit: coefficients, stderr, limit interval, goodness of fit, bound flags."""
     import pandas as pd
@@ -1431,8 +1427,3 @@ def fit_bottleneck(x, y) -> BottleneckFit:
     return BottleneckFit(
         vals["slope"], vals["x_b"], vals["plateau"], stderr, float(np.mean((pred - y) ** 2)), at_bound, x, y
     )
-
-
-def table3_params(data_dir=None) -> dict[str, float]:
-    """Non-embedding parameter count per scale (Table 3); alias of ``laws.non_embedding_params``."""
-    return non_embedding_params(data_dir)
