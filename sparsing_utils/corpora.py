@@ -318,7 +318,9 @@ def load_text(
         raise ValueError(f"text source {spec!r} is a folder, not a file; accepted: {_accepted()}")
     if _looks_like_path(spec):
         raise SourceNotFoundError(f"text file {spec!r} not found (resolved to {path.absolute()}); accepted: {_accepted()}")
-    raise UnknownSourceError(f"unknown text source {spec!r}; accepted: {_accepted()}")
+    shown = spec if len(spec) <= 80 else spec[:77] + "..."
+    hint = " (to cut a raw string into blocks, call blocks_from_text)" if any(c.isspace() for c in spec) else ""
+    raise UnknownSourceError(f"unknown text source {shown!r}; accepted: {_accepted()}{hint}")
 
 
 # --------------------------------------------------------------------------------------

@@ -154,8 +154,8 @@ def test_folder_is_rejected(tmp_path):
 def test_unknown_source_lists_forms():
     with pytest.raises(UnknownSourceError, match=r"unknown text source 'wikipedia'.*pydoc, stdlib.*\.jsonl.*hf:NAME"):
         load_text("wikipedia")
-    with pytest.raises(ValueError):
-        load_text("wikipedia")
+    with pytest.raises(ValueError, match="blocks_from_text"):
+        load_text("Once upon a time there was a raw string passed as a source.")
 
 
 def test_missing_file_is_file_not_found_and_value_error():
@@ -271,7 +271,7 @@ def test_chunk_cuts_avoid_whitespace_runs():
     text = ("x:" + " " * 40 + "'y',") * 5000
     chunks = corpora._chunks(text, complete=True)
     assert len(chunks) > 3 and "".join(chunks) == text
-    for chunk, nxt in zip(chunks, chunks[1:]):
+    for chunk, nxt in zip(chunks[:-1], chunks[1:], strict=True):
         assert not chunk[-1].isspace() and nxt[0] == " "
 
 
@@ -339,7 +339,7 @@ def test_shuffle_is_seeded(tiny_tokenizer, prose_file):
     assert torch.equal(a.input_ids, b.input_ids) and a.block_index == b.block_index
     assert a.block_index != c.block_index and a.block_index == sorted(a.block_index)
     stream = tokenize_text(tiny_tokenizer, prose_file.read_text())
-    for row, i in zip(a.input_ids, a.block_index):
+    for row, i in zip(a.input_ids, a.block_index, strict=True):
         assert torch.equal(row, stream[i * 64 : (i + 1) * 64])
 
 

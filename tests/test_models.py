@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from sparsing_utils import models
 from sparsing_utils.corpora import make_blocks
 from sparsing_utils.models import (
     DEFAULT_MODEL,
