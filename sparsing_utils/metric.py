@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -45,6 +46,8 @@ __all__ = [
     "sparse_inference",
     "atomic_write_json",
 ]
+
+log = logging.getLogger(__name__)
 
 # Activation-ratio levels at which each layer's CETT curve is sampled (geometric, 0.2%..98%).
 DEFAULT_LEVELS = tuple(float(x) for x in torch.logspace(math.log10(0.002), math.log10(0.98), 24))
@@ -111,11 +114,16 @@ class SparsityProbe:
 
     def __init__(self, model: nn.Module, blocks, *, mode: str = "memory", batch_size: int | None = None,
                  curve_tokens: int = 4096, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
-                 name: str = "model", sites: Sequence[FFNSite] | None = None):
+                 name: str = "model", sites: Sequence[FFNSite] | None = None,
+                 calibration: "SparsityProbe | None" = None):
         if mode not in ("memory", "stream"):
             raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
         self.model = model
         self.name = name
+        # Thresholds calibrated on other blocks of the same model (PPL measured on these).
+        if calibration is not None and calibration.model is not model:
+            raise ValueError("the calibration probe must wrap the same model object")
+        self.calibration = calibration
         self.mode = mode
         self.progress = progress
         self.sites = list(sites) if sites is not None else find_ffn_sites(model)
@@ -201,8 +209,18 @@ class SparsityProbe:
 
     def prepare(self) -> "SparsityProbe":
         """The dense pass (once): dense PPL, norm histograms, stored activations (memory
-        mode), then the per-layer CETT curves on the subsample of blocks."""
+        mode), then the per-layer CETT curves on the subsample of blocks. With a calibration
+        probe, only the dense PPL is computed here; thresholds come from the calibration."""
         if self.dense is not None:
+            return self
+        if self.calibration is not None:
+            self.calibration.prepare()
+            nll, count = self._run(f"dense pass ({self.name})")
+            self.dense_passes += 1
+            if count == 0:
+                raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
+            self.dense = PassStats(nll, count)
+            self.curve = self.calibration.curve
             return self
         hist = NormHistogram(len(self.sites), device=self.device)
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
@@ -300,6 +318,8 @@ class SparsityProbe:
     def layer_cett(self, eps: torch.Tensor) -> torch.Tensor:
         """Exact mean CETT of each layer at thresholds ``eps [layers]`` on all tokens."""
         self.prepare()
+        if self.calibration is not None:
+            return self.calibration.layer_cett(eps)
         s, _, t = self._statistics(eps.reshape(-1, 1).float())
         return (s / t).squeeze(1).float()
 
@@ -310,6 +330,8 @@ class SparsityProbe:
         estimate); ``exact=True`` refines on all tokens until every layer is within ``tol``.
         """
         self.prepare()
+        if self.calibration is not None:
+            return self.calibration.thresholds_for(c, exact=exact, tol=tol)
         if not exact:
             eps = interpolate_thresholds(self.curve, c)
             return eps, torch.full_like(eps, float(c))
@@ -485,6 +507,8 @@ class _Evaluations:
                 eps_list.append(eps)
                 cetts.append(cett)
             r = sum(s.ppl / pr.dense.ppl for s, pr in zip(stats, self.probes)) / len(stats)
+            log.info("CETT %.6g (%s thresholds): mean PPL ratio %.5f, activation ratio %.4f", c,
+                     "exact" if exact else "interpolated", r, sum(s.activation_ratio for s in stats) / len(stats))
             table[c] = (r, stats, eps_list, cetts) if exact else (r, stats)
         return table[c][0]
 
@@ -493,8 +517,26 @@ def _log_excess(r: float) -> float:
     return math.log(max(r - 1.0, 1e-7))
 
 
-def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> float | None:
-    """Next CETT to try: log-log secant on (c, PPL ratio - 1), kept inside the bracket."""
+def _local_slope(points: list[tuple[float, float]], c: float) -> float | None:
+    """d log(ratio - 1) / d log(c) of the two evaluated points nearest to ``c``."""
+    pts = sorted((q, r) for q, r in points if r > 1.0)
+    if len(pts) < 2:
+        return None
+    pts.sort(key=lambda qr: abs(math.log(qr[0] / c)))
+    (ca, ra), (cb, rb) = sorted(pts[:2])
+    if abs(math.log(cb / ca)) < 1e-9:
+        return None
+    s = (_log_excess(rb) - _log_excess(ra)) / math.log(cb / ca)
+    return s if 0.3 < s < 10 else None
+
+
+def _next_c(points: list[tuple[float, float]], target: float, c_max: float,
+            slope_hint: float | None = None) -> float | None:
+    """Next CETT to try: log-log secant on (c, PPL ratio - 1), kept inside the bracket.
+
+    Before a bracket exists, steps along the local slope of the evaluated points (or
+    ``slope_hint``, or 2: the PPL excess grows about like c^2 for small truncations).
+    """
     below = [(c, r) for c, r in points if r < target]
     above = [(c, r) for c, r in points if r >= target]
     y_star = math.log(target - 1.0)
@@ -509,23 +551,15 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> f
         if not lo <= x <= hi:
             x = 0.5 * (x0 + x1)
         return math.exp(x)
-    side = below if below else above
-    side = sorted(side)
-    c, r = side[-1] if below else side[0]
-    slope = 2.0  # PPL excess ~ c^2 for small perturbations (a first guess only)
-    if len(side) >= 2:
-        (ca, ra), (cb, rb) = (side[-2], side[-1]) if below else (side[0], side[1])
-        if r > 1.0 and ra > 1.0 and rb > 1.0 and abs(math.log(cb / ca)) > 1e-9:
-            s = (_log_excess(rb) - _log_excess(ra)) / math.log(cb / ca)
-            if 0.3 < s < 10:
-                slope = s
+    c, r = max(below) if below else min(above)
+    if below and c >= c_max:
+        return None
     if r <= 1.0:  # no measurable degradation yet: step up a lot
         step = math.log(4.0)
     else:
+        slope = _local_slope(points, c) or slope_hint or 2.0
         step = (y_star - _log_excess(r)) / slope
     step = max(-math.log(10.0), min(math.log(10.0), step))
-    if below and c >= c_max:
-        return None
     return min(c_max, c * math.exp(step))
 
 
@@ -556,6 +590,7 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
 
     def run(exact: bool, tolerance: float, c0: float, steps: int) -> tuple[float, bool, str]:
         table = ev.exact if exact else ev.approx
+        hint_points = [(c, v[0]) for c, v in ev.approx.items()] if exact else []
         pts = [(c, v[0]) for c, v in table.items()]
         if not pts:
             pts.append((c0, ev.ratio(c0, exact)))
@@ -563,7 +598,7 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
         for _ in range(steps):
             if abs(best[1] - target) <= tolerance:
                 return best[0], True, ""
-            c = _next_c(pts, target, c_max)
+            c = _next_c(pts, target, c_max, _local_slope(hint_points, best[0]) if hint_points else None)
             if c is None or any(abs(c - q) <= 1e-12 * max(1.0, q) for q, _ in pts):
                 break
             pts.append((c, ev.ratio(c, exact)))
@@ -582,7 +617,7 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
                                 f"tolerance {tolerance}); the PPL ratio jumps at this CETT")
 
     # Phase 1: interpolated thresholds (cheap). Phase 2: exact thresholds (the answer).
-    c_approx, ok, msg = run(False, tol / 2, c_start, max_steps)
+    c_approx, ok, msg = run(False, tol, c_start, max_steps)
     exact_c0 = c_approx
     c_final, ok, msg = run(True, tol, exact_c0, 8)
     r, stats, eps_list, cetts = ev.exact[c_final]
