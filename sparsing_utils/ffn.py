@@ -13,7 +13,8 @@ Hooks exist only inside the context managers below and are removed in ``finally`
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -102,6 +103,9 @@ class FFNSite:
     gated: bool
     d_ff: int
     d_model: int
+    # The decoder layer holding the FFN: its input's shape restores [batch, seq] for
+    # architectures that flatten the tokens before the FFN (OPT feeds fc2 [batch*seq, d_ff]).
+    layer: nn.Module | None = field(default=None, repr=False)
 
     def weight_t(self) -> torch.Tensor:
         """``W_down`` transposed, ``[d_ff, d_model]``, so that ``y = a @ weight_t()``."""
@@ -177,12 +181,13 @@ def _sites_from(layers: nn.ModuleList, path: str, down_names: Sequence[str], act
                     act = candidate
                     act_seen.add(id(candidate))
                     break
-        sites.append(FFNSite(i, f"{path}.{i}.{down}", module, act, gated, d_ff, d_model))
+        sites.append(FFNSite(i, f"{path}.{i}.{down}", module, act, gated, d_ff, d_model, layer))
     return sites
 
 
 # ---------------------------------------------------------------------------------------
-# Context managers. The callbacks receive the FFN site and tensors shaped [batch, seq, d_ff].
+# Context managers. The callbacks receive the FFN site and tensors shaped [batch, seq, d_ff]
+# (also for architectures that run the FFN on flattened [batch*seq, d] tokens, e.g. OPT).
 # ---------------------------------------------------------------------------------------
 
 ReadFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], None]
@@ -191,6 +196,26 @@ EditFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], "torch.Tensor 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)
+
+
+def _track_token_shapes(sites: Sequence[FFNSite], shapes: dict[int, torch.Size], handles: list) -> None:
+    """Record each layer's ``[batch, seq]`` (from its hidden-states input) in ``shapes``."""
+    for site in sites:
+        if site.layer is None:
+            continue
+
+        def layer_hook(module, args, kwargs, _site=site):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor) and h.dim() >= 3:
+                shapes[_site.index] = h.shape[:-1]
+        handles.append(site.layer.register_forward_pre_hook(layer_hook, with_kwargs=True))
+
+
+def _unflatten(t: torch.Tensor | None, lead: torch.Size | None) -> torch.Tensor | None:
+    """``[batch*seq, d]`` -> ``[batch, seq, d]`` when the FFN ran on flattened tokens."""
+    if t is None or t.dim() != 2 or lead is None or math.prod(lead) != t.shape[0]:
+        return t
+    return t.view(*lead, t.shape[-1])
 
 
 @contextlib.contextmanager
@@ -203,17 +228,20 @@ def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequen
     denominator of CETT, Eq. 2). One forward hook per layer, removed on exit.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
-    handles = []
+    handles: list = []
+    shapes: dict[int, torch.Size] = {}
     try:
+        _track_token_shapes(sites, shapes, handles)
         for site in sites:
             if with_output:
                 def hook(module, args, output, _site=site):
                     bias = _bias(module)
                     y = output - bias if bias is not None else output
-                    fn(_site, args[0], y)
+                    lead = shapes.get(_site.index)
+                    fn(_site, _unflatten(args[0], lead), _unflatten(y, lead))
             else:
                 def hook(module, args, output, _site=site):
-                    fn(_site, args[0])
+                    fn(_site, _unflatten(args[0], shapes.get(_site.index)))
             handles.append(site.module.register_forward_hook(hook))
         yield sites
     finally:
@@ -239,8 +267,10 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
                 f"{missing[0]} (and {len(missing) - 1} more); use a rule that scores by |a| instead"
             )
     gates: dict[int, torch.Tensor] = {}
-    handles = []
+    handles: list = []
+    shapes: dict[int, torch.Size] = {}
     try:
+        _track_token_shapes(sites, shapes, handles)
         for site in sites:
             if need_gate and site.gated:
                 def act_hook(module, args, output, _site=site):
@@ -248,18 +278,20 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
                 handles.append(site.act_module.register_forward_hook(act_hook))
 
             def pre_hook(module, args, _site=site):
-                a = args[0]
-                gate = (gates.pop(_site.index, None) if _site.gated else a) if need_gate else None
+                lead = shapes.get(_site.index)
+                a = _unflatten(args[0], lead)
+                gate = (_unflatten(gates.pop(_site.index, None), lead) if _site.gated else a) if need_gate else None
                 new = fn(_site, a, gate)
                 if new is None:
                     return None
-                return (new,) + tuple(args[1:])
+                return (new.reshape(args[0].shape),) + tuple(args[1:])
             handles.append(site.module.register_forward_pre_hook(pre_hook))
         yield sites
     finally:
         for handle in handles:
             handle.remove()
         gates.clear()
+        shapes.clear()
 
 
 def count_hooks(model: nn.Module) -> int:
