@@ -1,0 +1,195 @@
+"""``sparsing measure`` and :func:`measure_sparsity` (issue 2, items 8, 10 and 11).
+
+Fast tests drive the real command line on the tiny trained Llama saved to a local model
+folder (conftest ``trained_llama``) with a text file written from its Markov chain, so the
+full path (model folder -> text file -> blocks -> search -> atomic JSON) runs in seconds.
+One real-model test runs PPL-1% on SmolLM2-135M over 1,024 tokens of the built-in pydoc text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import build_tiny_tokenizer, markov_text
+from sparsing_utils.cli import main
+from sparsing_utils.measure import check_p_values, measure_sparsity
+
+PER_P_KEYS = ("p", "cett", "activation_ratio", "ppl_dense", "ppl_sparse", "ppl_ratio", "thresholds",
+              "layer_activation_ratio")
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, trained_llama):
+    folder = tmp_path_factory.mktemp("trained-tiny-llama")
+    trained_llama.model.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def markov_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "markov.txt"
+    path.write_text(markov_text(6000, seed=99))
+    return path
+
+
+def measure(args, capsys):
+    rc = main(["measure", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def check_report(path, ps, n_layers, tol=1e-3):
+    data = json.loads(path.read_text())
+    assert [r["p"] for r in data["results"]] == [float(p) for p in ps]
+    for r in data["results"]:
+        for key in PER_P_KEYS:
+            assert key in r, key
+        assert len(r["thresholds"]) == len(r["layer_activation_ratio"]) == n_layers
+        assert all(isinstance(t, float) and t >= 0 for t in r["thresholds"])
+        assert 0 < r["activation_ratio"] <= 1
+        assert r["ppl_ratio"] == pytest.approx(r["ppl_sparse"] / r["ppl_dense"], rel=1e-9)
+        assert r["converged"], r["message"]
+        assert abs(r["ppl_ratio"] - (1 + r["p"] / 100)) <= tol
+        assert r["activation_ratio"] == pytest.approx(sum(r["layer_activation_ratio"]) / n_layers, abs=1e-6)
+    return data
+
+
+# -- bad p: refused before anything is loaded --------------------------------------------
+
+
+@pytest.mark.parametrize("p", ["0", "100", "-1", "nan", "inf", "101"])
+def test_bad_p_returns_2_and_writes_nothing(tmp_path, capsys, p):
+    out = tmp_path / "result.json"
+    rc, stdout, err = measure(["--model", "no/such-model-anywhere", "--p", "1", p, "--out", out], capsys)
+    assert rc == 2
+    assert "sparsing measure: error: p must be a percentage in (0, 100)" in err
+    assert "hub" not in err  # refused before the (missing) model is looked up
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_p_not_a_number_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["measure", "--p", "one", "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2
+    assert "invalid float value: 'one'" in capsys.readouterr().err
+
+
+def test_check_p_values():
+    assert check_p_values(1) == [1.0]
+    assert check_p_values([1, 5.5, 10]) == [1.0, 5.5, 10.0]
+    for bad in ([], [0], [100], [float("nan")], ["5"], [1, -1]):
+        with pytest.raises(ValueError):
+            check_p_values(bad)
+
+
+# -- end to end on the tiny trained model (fast) ------------------------------------------
+
+
+def test_cli_end_to_end_tiny(tmp_path, capsys, trained_dir, markov_file):
+    out = tmp_path / "new" / "folder" / "result.json"
+    rc, stdout, err = measure(["--model", trained_dir, "--text", markov_file, "--tokens", 1024, "--block-len", 64,
+                               "--p", 1, 5, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    data = check_report(out, [1, 5], n_layers=2)
+    assert data["text"]["n_tokens"] == 1024 and data["text"]["block_len"] == 64
+    assert data["text"]["source"] == str(markov_file)
+    assert data["model"]["spec"] == str(trained_dir)
+    assert data["dtype"] == "float32" and data["device"] == "cpu"
+    assert data["results"][1]["activation_ratio"] < data["results"][0]["activation_ratio"]
+    # the printed table and the output path
+    assert "1024 tokens" in stdout and f"written: {out}" in stdout
+    assert stdout.count("yes") == 2
+    assert sorted(os.listdir(out.parent)) == ["result.json"]
+
+
+def test_cli_stream_mode_and_calibration_split(tmp_path, capsys, trained_dir, markov_file):
+    out = tmp_path / "r.json"
+    rc, _, err = measure(["--model", trained_dir, "--text", markov_file, "--tokens", 1024, "--block-len", 64,
+                          "--p", 1, "--mode", "stream", "--calibrate-on-split", "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    data = check_report(out, [1], n_layers=2)
+    assert data["extra"]["mode"] == "stream"
+    assert data["text"]["calibration"]["split"] == "calibration"
+    assert data["text"]["evaluation"]["split"] == "evaluation"
+    assert data["text"]["evaluation"]["offset"] == 3000  # the second half of the 6,000 letters
+
+
+# -- bad text: clear errors from corpora, no output file ----------------------------------
+
+
+def _text_cases(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    short = tmp_path / "short.txt"
+    short.write_text(markov_text(40, seed=1))
+    medium = tmp_path / "medium.txt"
+    medium.write_text(markov_text(300, seed=1))
+    return [
+        (empty, 128, r"text source .*empty\.txt' is empty"),
+        (short, 128, r"text has 40 tokens, need at least block_len=64"),
+        ("no_such_builtin_source", 128, r"unknown text source 'no_such_builtin_source'; accepted: a built-in name"),
+        (tmp_path / "missing.txt", 128, r"text file .*missing\.txt' not found"),
+        (medium, 1024, r"asked for 1,024 tokens \(16 blocks of 64\) but the source has only 300"),
+    ]
+
+
+def test_bad_text_through_measure_sparsity(tmp_path, trained_llama):
+    tok = build_tiny_tokenizer()
+    for source, tokens, message in _text_cases(tmp_path):
+        with pytest.raises(ValueError, match=message):
+            measure_sparsity(trained_llama.model, str(source), tokenizer=tok, tokens=tokens, block_len=64, p=1,
+                             progress=False)
+    with pytest.raises(ValueError, match="tokens must be an integer >= 2"):
+        measure_sparsity(trained_llama.model, "pydoc", tokenizer=tok, tokens=1, p=1, progress=False)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        measure_sparsity(trained_llama.model, "pydoc", tokens=128, p=1, progress=False)
+    with pytest.raises(ValueError, match=r"p must be a percentage"):
+        measure_sparsity(trained_llama.model, "pydoc", tokenizer=tok, tokens=128, p=[1, 0], progress=False)
+
+
+def test_bad_text_through_cli(tmp_path, capsys, trained_dir):
+    cases = _text_cases(tmp_path)
+    outdir = tmp_path / "out"
+    for source, tokens, message in cases:
+        out = outdir / "result.json"
+        rc, stdout, err = measure(["--model", trained_dir, "--text", source, "--tokens", tokens, "--block-len", 64,
+                                   "--p", 1, "--out", out, "--quiet"], capsys)
+        assert rc == 2, (source, err)
+        assert "sparsing measure: error: " in err
+        assert re.search(message, err), (message, err)
+        assert not out.exists()
+    assert not outdir.exists() or os.listdir(outdir) == []
+    # a budget smaller than one block is refused too
+    rc, _, err = measure(["--model", trained_dir, "--text", cases[-1][0], "--tokens", 32, "--block-len", 64,
+                          "--p", 1, "--out", outdir / "r.json", "--quiet"], capsys)
+    assert rc == 2 and "smaller than block_len=64" in err
+
+
+def test_missing_model_is_clear(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc, _, err = measure(["--model", str(tmp_path / "no_model_here"), "--p", "1", "--out", out, "--quiet"], capsys)
+    assert rc == 2 and "sparsing measure: error:" in err and "no_model_here" in err
+    assert not out.exists()
+
+
+# -- the real model -----------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_cli_end_to_end_smollm2(tmp_path, capsys, smollm2):
+    out = tmp_path / "smollm2.json"
+    rc, stdout, err = measure(["--model", "smollm2", "--text", "pydoc", "--tokens", 1024, "--block-len", 256,
+                               "--p", 1, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    data = check_report(out, [1], n_layers=30)
+    r = data["results"][0]
+    assert len(r["thresholds"]) == 30 and len(r["layer_activation_ratio"]) == 30
+    assert data["text"]["n_tokens"] == 1024 and data["model"]["spec"] == "smollm2"
+    assert all(abs(c - r["cett"]) <= 1e-3 for c in r["layer_cett"])
+    assert 5 < r["ppl_dense"] < 100
+    assert 0.05 < r["activation_ratio"] < 0.95
+    assert "written:" in stdout

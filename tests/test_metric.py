@@ -1,0 +1,504 @@
+"""PPL-p% sparsity end to end on a tiny *trained* Llama (issue 2, items 5, 7, 10 and 11).
+
+A random model's PPL barely moves when its FFN is sparsified, so these tests use the
+``trained_llama`` fixture (conftest): a tiny Llama trained for a few seconds on a
+second-order Markov chain, evaluated on 1,024 held-out tokens (16 blocks of 64). Every
+headline number is re-derived here independently: dense and sparse PPL from the model's
+logits, per-layer CETT from activations captured by the test's own hooks (float64), and
+activation ratios from a sparse forward whose masking the test does itself.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import Blocks
+from sparsing_utils.ffn import count_hooks, find_ffn_sites
+from sparsing_utils.metric import (CheckpointResult, PPLPResult, SparsityProbe, SparsityReport, atomic_write_json,
+                                   pareto_sweep, search_checkpoints, search_ppl_p, sparse_inference)
+from sparsing_utils.rules import CETTRule, apply_rule
+
+D_FF = 37
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe(trained_llama):
+    return SparsityProbe(trained_llama.model, trained_llama.blocks(), name="trained")
+
+
+@pytest.fixture(scope="module")
+def searched(probe):
+    return {p: search_ppl_p(probe, p) for p in (1, 5)}
+
+
+# -- independent reference computations -------------------------------------------------
+
+
+def ppl_of(model, ids, mask=None) -> tuple[float, int]:
+    """(sum of next-token NLL, count) over real tokens, from the model's logits."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    valid = (mask[:, 1:] * mask[:, :-1]).reshape(-1).bool()
+    return float(nll[valid].sum()), int(valid.sum())
+
+
+def dense_activations(model, ids):
+    """Each layer's FFN activation vector a ``[tokens, d_ff]`` (test's own hooks) and W_down^T."""
+    acts, handles = {}, []
+    sites = find_ffn_sites(model)
+    for s in sites:
+        handles.append(s.module.register_forward_pre_hook(
+            lambda m, args, _i=s.index: acts.setdefault(_i, []).append(args[0].detach().reshape(-1, D_FF))))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(acts[s.index]).double() for s in sites], [s.module.weight.detach().double().T for s in sites]
+
+
+def brute_layer_cett(a, w_t, eps: float) -> float:
+    """Mean over tokens of ||sum_{n_i <= eps} a_i W[:, i]|| / ||W a|| in float64."""
+    n = a.abs() * w_t.norm(dim=1)
+    y = (a @ w_t).norm(dim=-1)
+    num = ((a * (n <= eps)) @ w_t).norm(dim=-1)
+    return float(torch.where(y > 0, num / y, torch.zeros_like(y)).mean())
+
+
+def manual_sparse_forward(model, ids, thresholds):
+    """Sparse forward with the test's own hooks: zero a_i where |a_i|*||W[:, i]|| <= eps_l.
+    Returns (ppl, per-layer activation ratio, per-token activation ratio over layers)."""
+    counts, handles = {}, []
+    sites = find_ffn_sites(model)
+    for s in sites:
+        norms = s.module.weight.detach().double().norm(dim=0)  # ||W_down[:, i]||, Linear [d_model, d_ff]
+
+        def pre(m, args, _i=s.index, _norms=norms):
+            a = args[0]
+            keep = a.double().abs() * _norms > thresholds[_i]
+            counts[_i] = keep.sum(dim=-1).double()  # [batch, seq]
+            return (a * keep.to(a.dtype),)
+        handles.append(s.module.register_forward_pre_hook(pre))
+    try:
+        nll, n = ppl_of(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    layer = [float(counts[s.index].mean()) / D_FF for s in sites]
+    per_token = torch.stack([counts[s.index].reshape(-1) for s in sites]).mean(dim=0) / D_FF
+    return math.exp(nll / n), layer, per_token
+
+
+# -- the search --------------------------------------------------------------------------
+
+
+def test_dense_pass_matches_model_loss(trained_llama, probe):
+    probe.prepare()
+    nll, n = ppl_of(trained_llama.model, trained_llama.eval_ids)
+    assert probe.dense.n_predicted == n == 16 * 63
+    assert probe.n_tokens == 1024
+    assert probe.dense.ppl == pytest.approx(math.exp(nll / n), rel=1e-6)
+    assert 1.5 < probe.dense.ppl < 12  # the model has learned the chain (uniform would be 101)
+
+
+@pytest.mark.parametrize("p", [1, 5])
+def test_search_hits_target(probe, searched, p):
+    r = searched[p]
+    assert isinstance(r, PPLPResult)
+    assert r.converged, r.message
+    assert r.p == p and r.message == ""
+    assert abs(r.ppl_ratio - (1 + p / 100)) <= 1e-3
+    assert r.ppl_ratio == pytest.approx(r.ppl_sparse / r.ppl_dense, rel=1e-12)
+    assert r.ppl_dense == pytest.approx(probe.dense.ppl, rel=1e-12)
+    assert len(r.thresholds) == len(r.layer_activation_ratio) == len(r.layer_cett) == 2
+    assert all(t > 0 for t in r.thresholds)
+    # every layer's mean CETT at its threshold is the one target c
+    for c in r.layer_cett:
+        assert abs(c - r.cett) <= 1e-3
+    again = probe.layer_cett(torch.tensor(r.thresholds))
+    assert torch.allclose(again.double(), torch.tensor(r.layer_cett, dtype=torch.float64), atol=1e-5)
+    # model-level ratio = mean over layers; per-token ratios average to it too
+    assert r.activation_ratio == pytest.approx(sum(r.layer_activation_ratio) / 2, abs=1e-6)
+    assert len(r.token_activation_ratio) == probe.n_tokens
+    assert sum(r.token_activation_ratio) / probe.n_tokens == pytest.approx(r.activation_ratio, abs=1e-3)
+    assert 0.05 < r.activation_ratio < 0.95
+    assert r.sparsity_ratio == pytest.approx(1 - r.activation_ratio)
+
+
+def test_more_ppl_loss_means_more_sparsity(searched):
+    r1, r5 = searched[1], searched[5]
+    assert r5.cett > r1.cett
+    assert r5.activation_ratio < r1.activation_ratio
+    assert all(t5 > t1 for t1, t5 in zip(r1.thresholds, r5.thresholds))
+
+
+def test_dense_pass_computed_once(probe, searched):
+    assert probe.dense_passes == 1  # memory mode: the searches never rerun the dense model
+
+
+@pytest.mark.parametrize("p", [1, 5])
+def test_layer_cett_brute_force(trained_llama, searched, p):
+    r = searched[p]
+    acts, w_ts = dense_activations(trained_llama.model, trained_llama.eval_ids)
+    for layer, (a, w_t) in enumerate(zip(acts, w_ts)):
+        assert a.shape == (1024, D_FF)
+        assert brute_layer_cett(a, w_t, r.thresholds[layer]) == pytest.approx(r.layer_cett[layer], abs=2e-5)
+
+
+@pytest.mark.parametrize("p", [1, 5])
+def test_activation_ratio_brute_force(trained_llama, searched, p):
+    r = searched[p]
+    ppl, layer, per_token = manual_sparse_forward(trained_llama.model, trained_llama.eval_ids, r.thresholds)
+    assert ppl == pytest.approx(r.ppl_sparse, rel=1e-5)
+    assert layer == pytest.approx(r.layer_activation_ratio, abs=1e-6)
+    assert torch.allclose(per_token.float(), torch.tensor(r.token_activation_ratio), atol=1e-3)
+
+
+def test_stream_mode_matches_memory_mode(trained_llama, searched):
+    stream = SparsityProbe(trained_llama.model, trained_llama.blocks(), mode="stream", batch_size=5)
+    r = search_ppl_p(stream, 1)
+    m = searched[1]
+    assert r.converged, r.message
+    assert stream.dense_passes > 1  # stream mode recomputes the dense pass for exact statistics
+    assert r.ppl_dense == pytest.approx(m.ppl_dense, rel=1e-6)
+    # both hit the target; at the same c they pick the same thresholds
+    assert abs(r.ppl_ratio - 1.01) <= 1e-3
+    assert abs(r.cett - m.cett) < 0.01
+    assert abs(r.activation_ratio - m.activation_ratio) < 0.01
+    eps_s, cett_s = stream.thresholds_for(m.cett)
+    assert torch.allclose(eps_s, torch.tensor(m.thresholds), rtol=2e-3)
+    assert torch.allclose(cett_s, torch.tensor(m.layer_cett), atol=1.5e-4)
+    # exact statistics at fixed thresholds agree to float precision
+    eps = torch.tensor(m.thresholds)
+    assert torch.allclose(stream.layer_cett(eps), torch.tensor(m.layer_cett), atol=1e-5)
+    s = stream.sparse_pass(CETTRule(m.thresholds))
+    assert s.layer_active.tolist() == pytest.approx(m.layer_activation_ratio, abs=1e-6)
+    assert s.ppl == pytest.approx(m.ppl_sparse, rel=1e-5)
+
+
+def test_padding_is_excluded(trained_llama):
+    """Blocks whose tails are padding (attention_mask 0, garbage ids) give the same dense
+    PPL, CETT statistics and activation ratios as the same real tokens without padding."""
+    model = trained_llama.model
+    ids = trained_llama.eval_ids[:8].clone()
+    valid = [64, 51, 64, 64, 34, 64, 57, 64]
+    mask = torch.ones_like(ids)
+    garbage = torch.randint(3, 101, ids.shape, generator=torch.Generator().manual_seed(5))
+    for b, v in enumerate(valid):
+        mask[b, v:] = 0
+        ids[b, v:] = garbage[b, v:]
+    padded = SparsityProbe(model, Blocks(ids, mask), name="padded")
+    parts = [SparsityProbe(model, Blocks(ids[b:b + 1, :v]), name=f"block{b}") for b, v in enumerate(valid)]
+    padded.prepare()
+    for pr in parts:
+        pr.prepare()
+    n_tokens = sum(valid)
+    assert padded.n_tokens == sum(pr.n_tokens for pr in parts) == n_tokens
+    # dense PPL
+    assert padded.dense.n_predicted == sum(pr.dense.n_predicted for pr in parts) == n_tokens - 8
+    assert padded.dense.nll_sum == pytest.approx(sum(pr.dense.nll_sum for pr in parts), rel=1e-6)
+    # CETT statistics at fixed thresholds: token-weighted mean of the parts
+    for c in (0.05, 0.2):
+        eps, _ = padded.thresholds_for(c)
+        joined = sum(pr.layer_cett(eps).double() * pr.n_tokens for pr in parts) / n_tokens
+        assert torch.allclose(padded.layer_cett(eps).double(), joined, atol=1e-6)
+        # activation ratio (layer, token) and sparse PPL
+        rule = CETTRule(eps)
+        sp = padded.sparse_pass(rule)
+        sparts = [pr.sparse_pass(rule) for pr in parts]
+        active = sum(s.layer_active.double() * pr.n_tokens for s, pr in zip(sparts, parts)) / n_tokens
+        assert torch.allclose(sp.layer_active.double(), active, atol=1e-6)
+        assert torch.equal(sp.token_active, torch.cat([s.token_active for s in sparts]))
+        assert sp.token_active.numel() == n_tokens
+        assert sp.nll_sum == pytest.approx(sum(s.nll_sum for s in sparts), rel=1e-6)
+    # what sits in the padded positions does not matter at all
+    ids2 = ids.clone()
+    ids2[mask == 0] = 2
+    other = SparsityProbe(model, Blocks(ids2, mask)).prepare()
+    assert other.dense.nll_sum == pytest.approx(padded.dense.nll_sum, rel=1e-9)
+    eps, _ = padded.thresholds_for(0.1)
+    assert torch.allclose(other.layer_cett(eps), padded.layer_cett(eps), atol=1e-7)
+
+
+def test_search_with_padding_converges(trained_llama):
+    ids = trained_llama.eval_ids.clone()
+    mask = torch.ones_like(ids)
+    mask[::3, 40:] = 0
+    ids[mask == 0] = 2
+    r = search_ppl_p(SparsityProbe(trained_llama.model, Blocks(ids, mask)), 1)
+    assert r.converged, r.message
+    assert len(r.token_activation_ratio) == int(mask.sum())
+
+
+# -- Algorithm 1 ---------------------------------------------------------------------------
+
+
+def test_algorithm_1_over_checkpoints(trained_llama):
+    probes = [SparsityProbe(trained_llama.early, trained_llama.blocks(), name="step120"),
+              SparsityProbe(trained_llama.model, trained_llama.blocks(), name="step300")]
+    res = search_checkpoints(probes, p=1)
+    assert isinstance(res, CheckpointResult)
+    assert res.converged, res.message
+    assert res.names == ["step120", "step300"]
+    ratios = [c.ppl_ratio for c in res.checkpoints]
+    assert res.mean_ppl_ratio == pytest.approx(sum(ratios) / 2, rel=1e-12)
+    assert abs(res.mean_ppl_ratio - 1.01) <= 1e-3
+    assert abs(ratios[0] - ratios[1]) > 1e-3  # each checkpoint alone is not at 1.01: the *mean* is
+    for ck, pr in zip(res.checkpoints, probes):
+        assert ck.cett == res.cett  # one shared CETT
+        assert all(abs(c - res.cett) <= 1e-3 for c in ck.layer_cett)
+        assert torch.allclose(pr.layer_cett(torch.tensor(ck.thresholds)), torch.tensor(ck.layer_cett), atol=1e-5)
+        assert ck.ppl_ratio == pytest.approx(ck.ppl_sparse / pr.dense.ppl, rel=1e-12)
+    # the two models get different thresholds (and activation ratios) at that shared c
+    assert res.checkpoints[0].thresholds != res.checkpoints[1].thresholds
+    d = res.to_dict()
+    assert d["checkpoints"][1]["cett"] == res.cett and json.dumps(d)
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+def _report(searched, probe):
+    return SparsityReport(model={"spec": "trained-tiny-llama"}, text={"source": "markov", "n_tokens": probe.n_tokens},
+                          results=[searched[1], searched[5]], ppl_dense=probe.dense.ppl, seed=0,
+                          extra={"note": "test"})
+
+
+def test_report_round_trip(tmp_path, searched, probe):
+    report = _report(searched, probe)
+    path = tmp_path / "sub" / "report.json"
+    report.save(path)
+    loaded = SparsityReport.load(path)
+    assert loaded == report
+    assert loaded.result(5) == searched[5]
+    with pytest.raises(KeyError, match="no result for p=10"):
+        loaded.result(10)
+    raw = json.loads(path.read_text())
+    for key in ("p", "cett", "activation_ratio", "ppl_dense", "ppl_sparse", "ppl_ratio", "thresholds",
+                "layer_activation_ratio", "layer_cett", "token_activation_ratio", "converged"):
+        assert key in raw["results"][0]
+    assert raw["version"] and raw["model"]["spec"] == "trained-tiny-llama"
+    table = report.table()
+    assert "yes" in table and f"{searched[1].ppl_ratio:.4f}" in table
+    df = report.dataframe()
+    assert list(df["p"]) == [1.0, 5.0] and "thresholds" not in df.columns
+    assert [n for n in os.listdir(path.parent)] == ["report.json"]  # no temp file left
+
+
+def test_save_is_atomic(tmp_path, monkeypatch, searched, probe):
+    report = _report(searched, probe)
+    real_dump = json.dump
+
+    def broken_dump(obj, fp, **kw):
+        fp.write('{"results": [')  # half a file ...
+        raise RuntimeError("disk full")  # ... then a failure
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    fresh = tmp_path / "fresh.json"
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.save(fresh)
+    assert not fresh.exists()
+    assert os.listdir(tmp_path) == []  # no temp file left behind
+    old = tmp_path / "old.json"
+    old.write_text('{"previous": true}\n')
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.save(old)
+    assert old.read_text() == '{"previous": true}\n'
+    assert sorted(os.listdir(tmp_path)) == ["old.json"]
+    monkeypatch.setattr(json, "dump", real_dump)
+    report.save(old)
+    assert SparsityReport.load(old) == report
+    # NaN is refused rather than written as invalid JSON
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "nan.json", {"x": float("nan")})
+    assert sorted(os.listdir(tmp_path)) == ["old.json"]
+
+
+def test_sparse_inference(trained_llama, searched, probe):
+    model = trained_llama.model
+    r = searched[5]
+    x = trained_llama.eval_ids[:3]
+    with torch.no_grad():
+        dense = model(input_ids=x).logits
+        with apply_rule(model, CETTRule(r.thresholds)):
+            ref = model(input_ids=x).logits
+        with sparse_inference(model, r) as rule:
+            assert isinstance(rule, CETTRule) and count_hooks(model) > 0
+            got = model(input_ids=x).logits
+        assert count_hooks(model) == 0
+        assert torch.equal(got, ref)
+        assert (got - dense).abs().max() > 1e-2  # the thresholds do something
+        report = _report(searched, probe)
+        with sparse_inference(model, report, p=5):
+            assert torch.equal(model(input_ids=x).logits, ref)
+        with sparse_inference(model, list(r.thresholds)):
+            assert torch.equal(model(input_ids=x).logits, ref)
+        assert count_hooks(model) == 0
+        assert torch.equal(model(input_ids=x).logits, dense)  # clean afterwards
+    with pytest.raises(ValueError, match="pass p="):
+        with sparse_inference(model, report):
+            pass
+    with pytest.raises(ValueError, match="3 thresholds for a model with 2 FFN layers"):
+        with sparse_inference(model, [0.1, 0.1, 0.1]):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with sparse_inference(model, r):
+            raise RuntimeError("boom")
+    assert count_hooks(model) == 0
+
+
+# -- Pareto sweeps (Fig. 3) --------------------------------------------------------------------
+
+COLUMNS = ["rule", "value", "activation_ratio", "ppl", "ppl_ratio"]
+
+
+def _nonincreasing(xs, slack=0.0):
+    return all(b <= a + slack for a, b in zip(xs, xs[1:]))
+
+
+def test_pareto_sweeps(probe):
+    cett = pareto_sweep(probe, "cett", [0.02, 0.05, 0.1, 0.2, 0.4])
+    topk = pareto_sweep(probe, "topk", [0.2, 0.4, 0.6, 0.8, 1.0], score="magnitude")
+    fat = pareto_sweep(probe, "fat", [0.0, 0.01, 0.05, 0.1, 0.3])
+    glob = pareto_sweep(probe, "topk", [0.3], scope="global", score="magnitude")
+    relu = pareto_sweep(probe, "relu")
+    for df in (cett, topk, fat, glob, relu):
+        assert isinstance(df, pd.DataFrame) and list(df.columns) == COLUMNS
+        assert (df["ppl_ratio"] - df["ppl"] / probe.dense.ppl).abs().max() < 1e-12
+    assert set(cett["rule"]) == {"cett"} and set(fat["rule"]) == {"fat"} and set(topk["rule"]) == {"topk"}
+    assert set(glob["rule"]) == {"topk_global_official"}
+    # CETT: a larger target truncates more and costs more PPL
+    assert _nonincreasing(list(cett["activation_ratio"]))
+    assert _nonincreasing(list(-cett["ppl_ratio"]), slack=2e-3)
+    assert cett["ppl_ratio"].iloc[-1] > cett["ppl_ratio"].iloc[0] + 0.01
+    # Top-k per token: exactly round(r * 37) / 37 of the neurons; more kept costs less
+    for r, a in zip(topk["value"], topk["activation_ratio"]):
+        assert a == pytest.approx(round(r * D_FF) / D_FF, abs=1e-6)
+    assert _nonincreasing(list(topk["ppl_ratio"]), slack=2e-3)
+    assert topk["ppl_ratio"].iloc[-1] == 1.0  # keeping all 37 changes nothing
+    # global Top-k: exactly round(r * numel) over the batch (one batch here)
+    assert glob["activation_ratio"].iloc[0] == pytest.approx(round(0.3 * 1024 * D_FF) / (1024 * D_FF), abs=1e-7)
+    # FAT: a larger eps keeps fewer; eps 0 keeps every nonzero gate (SiLU: all)
+    assert _nonincreasing(list(fat["activation_ratio"]))
+    assert fat["activation_ratio"].iloc[0] == pytest.approx(1.0)
+    # ReLU rule on a SiLU model: nothing is exactly zero, nothing changes
+    assert relu["activation_ratio"].iloc[0] == pytest.approx(1.0) and relu["ppl_ratio"].iloc[0] == 1.0
+    # PPL-p% is the better Pareto curve: at a similar activation ratio, CETT beats Top-k
+    c_row = cett.iloc[2]
+    k_ppl = float(pd.Series(topk["ppl_ratio"].values, index=topk["activation_ratio"].values)
+                  .sort_index().loc[lambda s: s.index <= c_row["activation_ratio"] + 1e-9].iloc[-1])
+    assert c_row["ppl_ratio"] < k_ppl
+    with pytest.raises(ValueError, match="unknown rule"):
+        pareto_sweep(probe, "random", [0.1])
+    with pytest.raises(ValueError, match="needs a list of values"):
+        pareto_sweep(probe, "topk", [])
+
+
+# -- calibration split ------------------------------------------------------------------------
+
+
+def test_calibration_split_uses_calibration_thresholds(trained_llama):
+    model = trained_llama.model
+    calib = SparsityProbe(model, trained_llama.blocks("cal"), name="calibration")
+    evl = SparsityProbe(model, trained_llama.blocks("eval"), name="evaluation", calibration=calib)
+    own = SparsityProbe(model, trained_llama.blocks("eval"), name="own")
+    r = search_ppl_p(evl, 1)
+    assert r.converged, r.message
+    assert abs(r.ppl_ratio - 1.01) <= 1e-3
+    # thresholds and CETT come from the calibration tokens ...
+    eps_cal, cett_cal = calib.thresholds_for(r.cett)
+    assert r.thresholds == eps_cal.tolist() and r.layer_cett == cett_cal.tolist()
+    assert torch.allclose(calib.layer_cett(torch.tensor(r.thresholds)), torch.tensor(r.layer_cett), atol=1e-5)
+    eps_own, _ = own.thresholds_for(r.cett)
+    assert not torch.allclose(eps_own, eps_cal, rtol=1e-4)  # ... which differ from the evaluation tokens'
+    # ... and PPL and activation ratios from the evaluation tokens
+    nll, n = ppl_of(model, trained_llama.eval_ids)
+    assert r.ppl_dense == pytest.approx(math.exp(nll / n), rel=1e-6)
+    ppl, layer, _ = manual_sparse_forward(model, trained_llama.eval_ids, r.thresholds)
+    assert r.ppl_sparse == pytest.approx(ppl, rel=1e-5)
+    assert r.layer_activation_ratio == pytest.approx(layer, abs=1e-6)
+    with pytest.raises(ValueError, match="same model object"):
+        SparsityProbe(trained_llama.early, trained_llama.blocks(), calibration=calib)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0, 100, -1, 150, float("nan"), float("inf"), "1"])
+def test_bad_p(probe, p):
+    with pytest.raises(ValueError, match=r"p must be a percentage in \(0, 100\)"):
+        search_ppl_p(probe, p)
+
+
+def test_empty_probe_list():
+    with pytest.raises(ValueError, match="no model to search"):
+        search_ppl_p([], 1)
+
+
+def test_nan_activations_are_reported(trained_llama):
+    model = copy.deepcopy(trained_llama.model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[5, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite FFN activations at model\.layers\.1\.mlp\.down_proj"):
+        SparsityProbe(model, trained_llama.blocks()).prepare()
+    assert count_hooks(model) == 0
+
+
+def test_nan_logits_are_reported(trained_llama):
+    model = copy.deepcopy(trained_llama.model)
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("inf")
+        model.lm_head.weight[8, 0] = -float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        SparsityProbe(model, trained_llama.blocks()).prepare()
+    assert count_hooks(model) == 0
+
+
+def test_model_without_ffn():
+    class NoFFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+    with pytest.raises(ValueError, match="no FFN found in NoFFN"):
+        SparsityProbe(NoFFN(), Blocks(torch.zeros(2, 8, dtype=torch.long)))
+
+
+def test_bad_blocks(trained_llama):
+    model = trained_llama.model
+    with pytest.raises(ValueError, match="block_len >= 2"):
+        SparsityProbe(model, Blocks(torch.zeros(4, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="block_len >= 2"):
+        SparsityProbe(model, Blocks(torch.zeros(8, dtype=torch.long)))
+    with pytest.raises(ValueError, match="mode must be"):
+        SparsityProbe(model, trained_llama.blocks(), mode="disk")
+    ids = trained_llama.eval_ids[:2]
+    with pytest.raises(ValueError, match="no predicted tokens"):
+        SparsityProbe(model, Blocks(ids, torch.zeros_like(ids))).prepare()
+
+
+def test_unreachable_target_is_reported(trained_llama):
+    """An FFN whose outputs barely matter cannot raise the PPL by 5%: converged=False with
+    the reason, not a silently wrong answer."""
+    model = copy.deepcopy(trained_llama.model)
+    with torch.no_grad():
+        for s in find_ffn_sites(model):
+            s.module.weight.mul_(1e-4)
+    r = search_ppl_p(SparsityProbe(model, trained_llama.blocks()), 5)
+    assert not r.converged
+    assert "not reachable" in r.message
+    assert r.ppl_ratio < 1.05
