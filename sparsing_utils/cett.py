@@ -31,6 +31,7 @@ __all__ = [
     "interpolate_thresholds",
     "refine_thresholds",
     "default_compute_dtype",
+    "sketch_weight",
 ]
 
 
@@ -40,6 +41,23 @@ def default_compute_dtype(a: torch.Tensor) -> torch.dtype:
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return a.dtype
     return torch.float32
+
+
+def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0) -> torch.Tensor:
+    """A Johnson-Lindenstrauss sketch of ``W_down``: ``[d_ff, dim]`` with
+    ``E ||x @ sketch||^2 = ||x @ w_t||^2`` for every ``x``.
+
+    Norms of truncated sums through the sketch cost ``dim / d_model`` of the exact product;
+    their relative error per token is about ``sqrt(2 / dim)`` and averages out over tokens
+    (the bias of the norm, from Jensen's inequality, is about ``1 / (4 dim)``). Used only
+    for the CETT curves that guide the exact search. ``dim >= d_model`` returns ``w_t``.
+    """
+    d_model = w_t.shape[1]
+    if dim >= d_model:
+        return w_t
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    proj = torch.randn(d_model, dim, generator=g, dtype=torch.float32) / math.sqrt(dim)  # [d_model, dim]
+    return (w_t.float() @ proj.to(w_t.device)).to(w_t.dtype)  # [d_ff, dim]
 
 
 def neuron_norms(a: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .corpora import make_blocks
 from .metric import SparsityProbe, SparsityReport, _Evaluations, search_ppl_p
 from .models import describe_model, load_model
 
-__all__ = ["measure_sparsity", "check_p_values"]
+__all__ = ["measure_sparsity", "measure_probe", "check_p_values"]
 
 
 def check_p_values(p: float | Sequence[float]) -> list[float]:
@@ -34,7 +34,7 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
                      p: float | Sequence[float] = (1.0, 5.0, 10.0), block_len: int = 512,
                      dtype: str = "auto", device: str = "auto", batch_size: int | None = None,
                      mode: str = "memory", calibrate_on_split: bool = False, seed: int = 0,
-                     curve_tokens: int = 4096, tol: float = 1e-3, progress: bool = True,
+                     sketch_dim: int = 64, tol: float = 1e-3, progress: bool = True,
                      tokenizer=None) -> SparsityReport:
     """PPL-p% sparsity of one model on one text (see the module docstring).
 
@@ -60,25 +60,39 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
     if calibrate_on_split:
         cal = make_blocks(tok, text, tokens=tokens, block_len=block_len, split="calibration", seed=seed)
         evl = make_blocks(tok, text, tokens=tokens, block_len=block_len, split="evaluation", seed=seed)
-        calib = SparsityProbe(net, cal, mode=mode, batch_size=batch_size, curve_tokens=curve_tokens,
+        calib = SparsityProbe(net, cal, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim,
                               progress=progress, name="calibration")
         probe = SparsityProbe(net, evl, mode=mode, batch_size=batch_size, progress=progress,
                               name="evaluation", calibration=calib)
         text_info = {"source": text, "calibration": cal.to_dict(), "evaluation": evl.to_dict()}
     else:
         blocks = make_blocks(tok, text, tokens=tokens, block_len=block_len, seed=seed)
-        probe = SparsityProbe(net, blocks, mode=mode, batch_size=batch_size, curve_tokens=curve_tokens,
+        probe = SparsityProbe(net, blocks, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim,
                               progress=progress, name=model_info.get("spec", "model"))
         text_info = {"source": text, **blocks.to_dict()}
+    report = measure_probe(probe, ps, model_info=model_info, text_info=text_info, seed=seed, tol=tol)
+    report.seconds = time.perf_counter() - start
+    report.extra.update({"block_len": block_len, "sketch_dim": sketch_dim})
+    return report
+
+
+def measure_probe(probe: SparsityProbe, p: float | Sequence[float] = (1.0, 5.0, 10.0), *,
+                  model_info: dict | None = None, text_info: dict | None = None, seed: int = 0,
+                  tol: float = 1e-3) -> SparsityReport:
+    """Search PPL-p% for every ``p`` on a prepared (or not yet prepared) probe; evaluated
+    points are shared between the p values. Returns a :class:`SparsityReport`."""
+    ps = check_p_values(p)
+    start = time.perf_counter()
     probe.prepare()
     evaluations = _Evaluations([probe])
     results = [search_ppl_p(probe, v, tol=tol, evaluations=evaluations) for v in ps]
-    param = next(net.parameters())
+    param = next(probe.model.parameters())
     return SparsityReport(
-        model=model_info, text=text_info, results=results, ppl_dense=probe.dense.ppl, seed=seed,
+        model=model_info or {"spec": probe.name, **describe_model(probe.model)},
+        text=text_info or {"n_tokens": probe.n_tokens}, results=results, ppl_dense=probe.dense.ppl, seed=seed,
         device=str(param.device), dtype=str(param.dtype).replace("torch.", ""),
         seconds=time.perf_counter() - start,
-        extra={"mode": mode, "block_len": block_len, "curve_tokens": curve_tokens, "tol": tol,
-               "sparse_passes": probe.sparse_passes, "dense_passes": probe.dense_passes
+        extra={"mode": probe.mode, "tol": tol, "sparse_passes": probe.sparse_passes,
+               "dense_passes": probe.dense_passes
                + (probe.calibration.dense_passes if probe.calibration is not None else 0)},
     )

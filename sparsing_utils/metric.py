@@ -1,10 +1,10 @@
 """PPL-p% sparsity (Luo et al. 2024, Sec. 3.1 and Algorithm 1; PAPER.md Sec. 1).
 
-Data flow: token blocks -> one dense pass (PPL, per-layer norm histograms, and in memory
-mode the activations ``a`` of every layer) -> a per-layer CETT curve on a subsample of
-blocks -> an outer search on the CETT target ``c`` (interpolated thresholds, one sparse pass
-per step, a log-log secant on the monotone PPL-vs-CETT relation) -> exact thresholds at
-the chosen ``c`` (secant steps on all tokens) -> a final sparse pass -> :class:`PPLPResult`.
+Data flow: token blocks -> one dense pass (dense PPL; each layer's CETT curve on a grid of
+thresholds, estimated through a random projection of ``W_down``; in memory mode the
+activations ``a`` of every layer) -> an outer search on the CETT target ``c`` (a log-log
+secant on the monotone PPL-vs-CETT relation; each step: exact thresholds from the curve
+by a few secant steps on all tokens, then one sparse pass) -> :class:`PPLPResult`.
 
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
 tokens); ``"stream"`` keeps nothing and recomputes the dense pass whenever exact CETT
@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .cett import (CETTCurve, NormHistogram, cett_statistics, interpolate_thresholds, neuron_norms,
-                   refine_thresholds)
+                   refine_thresholds, sketch_weight)
 from .ffn import FFNSite, find_ffn_sites, read_activations
 from .rules import CETTRule, SparsityRule, apply_rule
 
@@ -109,11 +109,12 @@ class SparsityProbe:
 
     Parameters: ``blocks`` is a :class:`~sparsing_utils.corpora.TokenBlocks` (or anything with
     ``input_ids`` and ``attention_mask`` ``[n_blocks, block_len]``); ``mode`` is ``"memory"``
-    or ``"stream"``; ``curve_tokens`` bounds the subsample of blocks used for the CETT curves.
+    or ``"stream"``; ``sketch_dim`` is the size of the random projection used for the CETT
+    curves (the curves only guide the exact threshold search).
     """
 
     def __init__(self, model: nn.Module, blocks, *, mode: str = "memory", batch_size: int | None = None,
-                 curve_tokens: int = 4096, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
+                 sketch_dim: int = 64, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
                  name: str = "model", sites: Sequence[FFNSite] | None = None,
                  calibration: "SparsityProbe | None" = None):
         if mode not in ("memory", "stream"):
@@ -140,10 +141,7 @@ class SparsityProbe:
             budget = 32768 if self.device.type == "cuda" else 4096
             batch_size = max(1, budget // block_len)
         self.batch_size = int(batch_size)
-        n_blocks = ids.shape[0]
-        per_block = max(1, int(mask[0].sum()))
-        stride = max(1, n_blocks // max(1, math.ceil(curve_tokens / per_block)))
-        self.curve_blocks = list(range(0, n_blocks, stride))[: max(1, math.ceil(curve_tokens / per_block))]
+        self.sketch_dim = int(sketch_dim)
         self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
         self.col_norms = [s.column_norms().to(s.module.weight.device) for s in self.sites]
         self.dense: PassStats | None = None
@@ -151,11 +149,11 @@ class SparsityProbe:
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
-        self._token_offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1)]), 0)
         self.sparse_passes = 0
         self.dense_passes = 0
         self.cett_evaluations = 0
         self._threshold_cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
     def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -222,25 +220,36 @@ class SparsityProbe:
             self.dense = PassStats(nll, count)
             self.curve = self.calibration.curve
             return self
-        hist = NormHistogram(len(self.sites), device=self.device)
+        layers = len(self.sites)
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
         ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
+        cett_sum = torch.zeros(layers, len(self.levels) + 1, dtype=torch.float64, device=self.device)
+        active_sum = torch.zeros_like(cett_sum)
+        tokens = torch.zeros(layers, 1, dtype=torch.float64, device=self.device)
+        grids: dict[int, torch.Tensor] = {}
+        sketches = {s.index: sketch_weight(s.weight_t().detach(), self.sketch_dim, seed=s.index) for s in self.sites}
         state = {}
 
         def on_batch(mask):
             state["valid"] = mask.bool()
 
         def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
-            valid = state["valid"]
-            av = a[valid]  # [tokens, d_ff]
+            i = site.index
+            av = a[state["valid"]]  # [tokens, d_ff]
             if not torch.isfinite(av).all():
                 raise FloatingPointError(
                     f"non-finite FFN activations at {site.name}: load the model in float32 "
                     "(dtype='float32') or check the input")
-            hist.add(site.index, neuron_norms(av, self.col_norms[site.index]))
+            yn = y[state["valid"]].float().norm(dim=-1)  # [tokens]
+            if i not in grids:  # the first batch places the grid (quantiles of its norms)
+                grids[i] = self._grid(i, av)
+            c, act = cett_statistics(av, sketches[i], self.col_norms[i], grids[i], yn)
+            cett_sum[i] += c.to(self.device)
+            active_sum[i] += act.to(self.device)
+            tokens[i] += av.shape[0]
             if self.mode == "memory":
-                acts[site.index].append(av)
-                ynorms[site.index].append(y[valid].float().norm(dim=-1))
+                acts[i].append(av)
+                ynorms[i].append(yn)
 
         with read_activations(self.model, read, sites=self.sites, with_output=True):
             nll, count = self._run(f"dense pass ({self.name})", on_batch=on_batch)
@@ -248,20 +257,29 @@ class SparsityProbe:
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
         self.dense = PassStats(nll, count)
-        hist.all_reduce()
         if self.mode == "memory":
             self._acts = [torch.cat(x) for x in acts]
             self._ynorm = [torch.cat(x) for x in ynorms]
-        grid = hist.quantiles(1 - self.levels)  # [layers, K] ascending in eps as levels descend
-        grid = torch.cat([torch.zeros(len(self.sites), 1, device=grid.device), grid.sort(dim=1).values], dim=1)
-        cett_sum, active_sum, tokens = self._statistics(grid, blocks=self.curve_blocks)
-        self.curve = CETTCurve(grid.cpu(), (cett_sum / tokens).float().cpu(),
-                               (active_sum / (tokens * torch.tensor([s.d_ff for s in self.sites],
-                                                                     dtype=torch.float64)[:, None])).float())
+        for t in (cett_sum, active_sum, tokens):
+            _all_reduce(t)
+        grid = torch.stack([grids[s.index].to(self.device) for s in self.sites])  # [layers, K+1]
+        d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)[:, None]
+        tokens = tokens.clamp_min(1)
+        self.curve = CETTCurve(grid.float().cpu(), (cett_sum / tokens).float().cpu(),
+                               (active_sum / (tokens * d_ff)).float().cpu())
         return self
 
-    def _statistics(self, eps: torch.Tensor, *, blocks: Sequence[int] | None = None,
-                    active_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _grid(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """Candidate thresholds of one layer: 0, then the norm quantiles at which the
+        activation ratio is each of ``levels`` (ascending), from one batch of activations
+        (identical on every process under torch.distributed)."""
+        hist = NormHistogram(1, device=a.device)
+        hist.add(0, neuron_norms(a, self.col_norms[layer]))
+        hist.all_reduce()
+        q = hist.quantiles(1 - self.levels)[0].sort().values  # [K]
+        return torch.cat([torch.zeros(1, device=q.device), q])
+
+    def _statistics(self, eps: torch.Tensor, *, active_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact CETT and activation sums at per-layer thresholds ``eps [layers, M]``.
 
         Returns ``(cett_sum [layers, M], active_sum [layers, M], tokens [layers, 1])`` (float64,
@@ -275,17 +293,11 @@ class SparsityProbe:
         todo = active_layers if active_layers is not None else torch.ones(layers, dtype=torch.bool)
         self.cett_evaluations += 1
         if self.mode == "memory":
-            rows = None
-            if blocks is not None:
-                rows = torch.cat([torch.arange(int(self._token_offsets[b]), int(self._token_offsets[b + 1]))
-                                  for b in blocks])
             for site in self.sites:
                 i = site.index
                 if not bool(todo[i]):
                     continue
                 a, yn = self._acts[i], self._ynorm[i]
-                if rows is not None:
-                    a, yn = a[rows.to(a.device)], yn[rows.to(yn.device)]
                 c, act = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), yn)
                 cett_sum[i] += c.to(self.device)
                 active_sum[i] += act.to(self.device)
@@ -309,7 +321,7 @@ class SparsityProbe:
                 tokens[i] += av.shape[0]
 
             with read_activations(self.model, read, sites=self.sites, with_output=True):
-                self._run(f"CETT statistics ({self.name})", blocks=blocks, on_batch=on_batch, compute_loss=False)
+                self._run(f"CETT statistics ({self.name})", on_batch=on_batch, compute_loss=False)
             self.dense_passes += 1
         for t in (cett_sum, active_sum, tokens):
             _all_reduce(t)
@@ -326,26 +338,46 @@ class SparsityProbe:
     def thresholds_for(self, c: float, *, exact: bool = True, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer thresholds whose mean CETT is ``c``: ``(eps [layers], cett [layers])``.
 
-        ``exact=False`` interpolates the subsample curve (its CETT column is then the curve's
+        ``exact=False`` interpolates the CETT curve (its CETT column is then ``c``, an
         estimate); ``exact=True`` refines on all tokens until every layer is within ``tol``.
+        Every exact evaluation is kept and merged into the curve, so later targets near
+        earlier ones start from a close guess and usually need a single check.
         """
         self.prepare()
         if self.calibration is not None:
             return self.calibration.thresholds_for(c, exact=exact, tol=tol)
         if not exact:
-            eps = interpolate_thresholds(self.curve, c)
+            eps = interpolate_thresholds(self._known_curve(), c)
             return eps, torch.full_like(eps, float(c))
         key = round(float(c), 12)
         if key in self._threshold_cache:
             return self._threshold_cache[key]
+        seen_e: list[torch.Tensor] = []
+        seen_c: list[torch.Tensor] = []
 
         def evaluate(eps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
             s, _, t = self._statistics(eps.reshape(-1, 1), active_layers=active.cpu())
-            return (s / t).squeeze(1)
+            cett = (s / t).squeeze(1)
+            seen_e.append(torch.where(active.cpu(), eps.cpu(), torch.nan))
+            seen_c.append(torch.where(active.cpu(), cett.float(), torch.nan))
+            return cett
 
-        eps, cett, _ = refine_thresholds(evaluate, self.curve, float(c), tol=tol)
+        eps, cett, _ = refine_thresholds(evaluate, self._known_curve(), float(c), tol=tol)
+        self._exact_points.extend(zip(seen_e, seen_c))
         self._threshold_cache[key] = (eps, cett)
         return eps, cett
+
+    def _known_curve(self) -> CETTCurve:
+        """The subsample curve plus every exact (all-token) evaluation made so far."""
+        if not self._exact_points:
+            return self.curve
+        e = torch.stack([p[0] for p in self._exact_points], dim=1)  # [layers, M]
+        c = torch.stack([p[1] for p in self._exact_points], dim=1)
+        # Layers not evaluated at a point repeat a grid point (no information added).
+        missing = torch.isnan(e)
+        e = torch.where(missing, self.curve.eps[:, :1].expand_as(e), e)
+        c = torch.where(missing, self.curve.cett[:, :1].expand_as(c), c)
+        return self.curve.add_points(e, c)
 
     def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True) -> PassStats:
         """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded)."""
@@ -376,6 +408,13 @@ class SparsityProbe:
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
         layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
         return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None)
+
+    def activations(self, layer: int) -> torch.Tensor:
+        """The stored dense activations ``a`` of one layer, ``[tokens, d_ff]`` (memory mode)."""
+        self.prepare()
+        if self._acts is None:
+            raise ValueError("activations are kept only in memory mode (mode='memory'), before release()")
+        return self._acts[layer]
 
     def release(self) -> None:
         """Drop the stored activations (memory mode)."""
@@ -494,23 +533,21 @@ class _Evaluations:
 
     def __init__(self, probes: Sequence[SparsityProbe]):
         self.probes = list(probes)
-        self.approx: dict[float, tuple[float, list[PassStats]]] = {}
-        self.exact: dict[float, tuple[float, list[PassStats], list[torch.Tensor]]] = {}
+        self.table: dict[float, tuple[float, list[PassStats], list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def ratio(self, c: float, exact: bool) -> float:
-        table = self.exact if exact else self.approx
-        if c not in table:
+    def ratio(self, c: float) -> float:
+        if c not in self.table:
             stats, eps_list, cetts = [], [], []
             for probe in self.probes:
-                eps, cett = probe.thresholds_for(c, exact=exact)
+                eps, cett = probe.thresholds_for(c)
                 stats.append(probe.sparse_pass(CETTRule(eps)))
                 eps_list.append(eps)
                 cetts.append(cett)
             r = sum(s.ppl / pr.dense.ppl for s, pr in zip(stats, self.probes)) / len(stats)
-            log.info("CETT %.6g (%s thresholds): mean PPL ratio %.5f, activation ratio %.4f", c,
-                     "exact" if exact else "interpolated", r, sum(s.activation_ratio for s in stats) / len(stats))
-            table[c] = (r, stats, eps_list, cetts) if exact else (r, stats)
-        return table[c][0]
+            log.info("CETT %.6g: mean PPL ratio %.5f, activation ratio %.4f", c, r,
+                     sum(s.activation_ratio for s in stats) / len(stats))
+            self.table[c] = (r, stats, eps_list, cetts)
+        return self.table[c][0]
 
 
 def _log_excess(r: float) -> float:
@@ -530,12 +567,11 @@ def _local_slope(points: list[tuple[float, float]], c: float) -> float | None:
     return s if 0.3 < s < 10 else None
 
 
-def _next_c(points: list[tuple[float, float]], target: float, c_max: float,
-            slope_hint: float | None = None) -> float | None:
+def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> float | None:
     """Next CETT to try: log-log secant on (c, PPL ratio - 1), kept inside the bracket.
 
-    Before a bracket exists, steps along the local slope of the evaluated points (or
-    ``slope_hint``, or 2: the PPL excess grows about like c^2 for small truncations).
+    Before a bracket exists, steps along the local slope of the evaluated points (or 2:
+    the PPL excess grows about like c^2 for small truncations).
     """
     below = [(c, r) for c, r in points if r < target]
     above = [(c, r) for c, r in points if r >= target]
@@ -557,7 +593,7 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float,
     if r <= 1.0:  # no measurable degradation yet: step up a lot
         step = math.log(4.0)
     else:
-        slope = _local_slope(points, c) or slope_hint or 2.0
+        slope = _local_slope(points, c) or 2.0
         step = (y_star - _log_excess(r)) / slope
     step = max(-math.log(10.0), min(math.log(10.0), step))
     return min(c_max, c * math.exp(step))
@@ -571,9 +607,8 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     One probe: returns a :class:`PPLPResult`. A list of probes (checkpoints of one training
     run): one ``c`` for all, so that the *average* PPL ratio is ``1 + p/100`` (Algorithm 1),
     returned as a :class:`CheckpointResult`. ``tol`` is on the ratio (1e-3 = 0.1 percentage
-    point). The approximate phase uses interpolated thresholds; the answer is re-checked
-    with exact thresholds (every layer's mean CETT within 1e-4 of ``c``) and the search
-    continues on exact evaluations if that check misses.
+    point). Every step uses exact thresholds (each layer's mean CETT within 1e-4 of ``c``
+    on all tokens), found from the CETT curves plus the exact points of earlier steps.
     """
     if not (isinstance(p, (int, float)) and 0 < p < 100 and math.isfinite(p)):
         raise ValueError(f"p must be a percentage in (0, 100), got {p!r} (e.g. 1 for PPL-1%)")
@@ -588,39 +623,32 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     target = 1.0 + p / 100.0
     passes_before = sum(pr.sparse_passes for pr in plist)
 
-    def run(exact: bool, tolerance: float, c0: float, steps: int) -> tuple[float, bool, str]:
-        table = ev.exact if exact else ev.approx
-        hint_points = [(c, v[0]) for c, v in ev.approx.items()] if exact else []
-        pts = [(c, v[0]) for c, v in table.items()]
-        if not pts:
-            pts.append((c0, ev.ratio(c0, exact)))
+    pts = [(c, v[0]) for c, v in ev.table.items()]
+    if not pts:
+        pts.append((c_start, ev.ratio(c_start)))
+    best = min(pts, key=lambda cr: abs(cr[1] - target))
+    ok, msg = False, ""
+    for _ in range(max_steps):
+        if abs(best[1] - target) <= tol:
+            break
+        c = _next_c(pts, target, c_max)
+        if c is None or any(abs(c - q) <= 1e-12 * max(1.0, q) for q, _ in pts):
+            break
+        pts.append((c, ev.ratio(c)))
         best = min(pts, key=lambda cr: abs(cr[1] - target))
-        for _ in range(steps):
-            if abs(best[1] - target) <= tolerance:
-                return best[0], True, ""
-            c = _next_c(pts, target, c_max, _local_slope(hint_points, best[0]) if hint_points else None)
-            if c is None or any(abs(c - q) <= 1e-12 * max(1.0, q) for q, _ in pts):
-                break
-            pts.append((c, ev.ratio(c, exact)))
-            best = min(pts, key=lambda cr: abs(cr[1] - target))
-        if abs(best[1] - target) <= tolerance:
-            return best[0], True, ""
-        below = [r for _, r in pts if r < target]
-        above = [r for _, r in pts if r >= target]
-        if not above:
-            return best[0], False, (f"PPL ratio {target:.4f} not reachable: at CETT {max(pts)[0]:.4g} the ratio "
-                                    f"is only {max(pts)[1]:.4f}")
-        if not below:
-            return best[0], False, (f"PPL ratio {target:.4f} not reachable: already {min(pts)[1]:.4f} at CETT "
-                                    f"{min(pts)[0]:.3g}")
-        return best[0], False, (f"stopped after {steps} steps at ratio {best[1]:.5f} (target {target:.5f}, "
-                                f"tolerance {tolerance}); the PPL ratio jumps at this CETT")
-
-    # Phase 1: interpolated thresholds (cheap). Phase 2: exact thresholds (the answer).
-    c_approx, ok, msg = run(False, tol, c_start, max_steps)
-    exact_c0 = c_approx
-    c_final, ok, msg = run(True, tol, exact_c0, 8)
-    r, stats, eps_list, cetts = ev.exact[c_final]
+    if abs(best[1] - target) <= tol:
+        ok = True
+    elif not [r for _, r in pts if r >= target]:
+        top = max(pts)
+        msg = f"PPL ratio {target:.4f} not reachable: at CETT {top[0]:.4g} the ratio is only {top[1]:.4f}"
+    elif not [r for _, r in pts if r < target]:
+        low = min(pts)
+        msg = f"PPL ratio {target:.4f} not reachable: already {low[1]:.4f} at CETT {low[0]:.3g}"
+    else:
+        msg = (f"stopped at ratio {best[1]:.5f} (target {target:.5f}, tolerance {tol}): the PPL ratio jumps "
+               "across the target between neighbouring CETT values; use more tokens")
+    c_final = best[0]
+    r, stats, eps_list, cetts = ev.table[c_final]
     elapsed = time.perf_counter() - start
     passes = sum(pr.sparse_passes for pr in plist) - passes_before
     results = []

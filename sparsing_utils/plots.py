@@ -23,6 +23,10 @@ __all__ = [
     "plot_forecast",
     "plot_bottleneck",
     "plot_limit_loss",
+    "plot_neuron_contributions",
+    "plot_cett_curves",
+    "plot_pareto",
+    "plot_activation_heatmap",
 ]
 
 
@@ -257,3 +261,88 @@ def plot_limit_loss(fits: Mapping, ax=None):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------
+# The metric (Fig. 1 idea, CETT curves, Fig. 3 Pareto, activation maps)
+# ---------------------------------------------------------------------------
+def plot_neuron_contributions(norms, eps: float, cett: float | None = None, title: str = "", ax=None):
+    """One token's neuron output norms ``|a_i| * ||W_down[:, i]||``, largest first, with the
+    truncated tail (norms <= eps) shaded: the idea of the paper's Fig. 1."""
+    values = np.sort(np.asarray(norms, dtype=float))[::-1]
+    kept = int((values > eps).sum())
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(1, len(values) + 1)
+    ax.fill_between(x[:kept], values[:kept], color="tab:blue", alpha=0.8, step="mid", label=f"activated ({kept})")
+    ax.fill_between(x[kept:], values[kept:], color="tab:red", alpha=0.5, step="mid",
+                    label=f"truncated tail ({len(values) - kept})")
+    ax.axhline(eps, color="k", lw=0.8, ls="--", label=f"threshold eps = {eps:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("neurons, sorted by output norm")
+    ax.set_ylabel("||n_i||")
+    extra = f" (CETT of this token = {cett:.3f})" if cett is not None else ""
+    ax.set_title((title + extra).strip())
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_cett_curves(curve, layers: Sequence[int], thresholds: Mapping[float, Sequence[float]] | None = None,
+                     ax=None):
+    """Mean CETT against the threshold eps for a few layers (log x axis); dots mark the
+    PPL-p% thresholds of each layer."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4))
+    colors = sns.color_palette("viridis", len(layers))
+    eps, cett = np.asarray(curve.eps), np.asarray(curve.cett)
+    for color, layer in zip(colors, layers):
+        e, c = eps[layer], cett[layer]
+        ok = e > 0
+        ax.plot(e[ok], c[ok], marker=".", color=color, label=f"layer {layer}")
+        for p, thr in (thresholds or {}).items():
+            t = float(thr[layer])
+            ax.plot([t], [float(np.interp(t, e, c))], "o", mfc="none", color=color, ms=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("threshold eps on ||n_i||")
+    ax.set_ylabel("mean CETT")
+    ax.set_title("CETT grows with the threshold (circles: PPL-p% thresholds)")
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_pareto(frame, points=None, ax=None):
+    """PPL ratio against activation ratio, one line per rule (the paper's Fig. 3).
+
+    frame: rows with columns rule, activation_ratio, ppl_ratio; points: optional rows with
+    p, activation_ratio, ppl_ratio (the PPL-p% results) to annotate.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4.2))
+    labels = {"cett": "PPL-p% / CETT (ours)", "topk": "Top-k (per token)",
+              "topk_global_official": "Top-k (global, official)", "fat": "FAT-eps", "relu": "ReLU zeros"}
+    for rule, group in frame.groupby("rule", sort=False):
+        g = group.sort_values("activation_ratio")
+        ax.plot(g["activation_ratio"], g["ppl_ratio"], marker="o", ms=3, label=labels.get(rule, rule))
+    if points is not None:
+        for _, r in points.iterrows():
+            ax.annotate(f"PPL-{r['p']:g}%", (r["activation_ratio"], r["ppl_ratio"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+            ax.plot([r["activation_ratio"]], [r["ppl_ratio"]], "k*", ms=8)
+    ax.set_xlabel("activation ratio")
+    ax.set_ylabel("PPL sparse / PPL dense")
+    ax.set_yscale("log")
+    ax.set_title("Pareto curves: lower-left is better")
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_activation_heatmap(matrix, max_tokens: int = 256, ax=None, title: str = ""):
+    """Activation ratio of every (layer, token) pair: a ``[layers, tokens]`` heat map."""
+    m = np.asarray(matrix, dtype=float)[:, :max_tokens]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.6))
+    sns.heatmap(m, ax=ax, cmap="magma", cbar_kws={"label": "activation ratio"}, xticklabels=32, yticklabels=5)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "activation ratio per layer and token")
+    return ax.figure
