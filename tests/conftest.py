@@ -146,9 +146,10 @@ def build_tiny_family(family: str, seed: int = 0):
     neuron visibly changes the logits."""
     import transformers as tf
 
-    common = dict(vocab_size=TINY_FAMILY_VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    llama_like = dict(hidden_size=24, num_hidden_layers=2, intermediate_size=TINY_D_FF, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, **common)
+    common = {"vocab_size": TINY_FAMILY_VOCAB, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    llama_like = {"hidden_size": 24, "num_hidden_layers": 2, "intermediate_size": TINY_D_FF,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                  "initializer_range": 0.2, **common}
     if family == "llama":
         config, cls = tf.LlamaConfig(hidden_act="silu", **llama_like), tf.LlamaForCausalLM
     elif family == "mistral":

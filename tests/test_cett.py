@@ -5,6 +5,7 @@ CETT = || sum_{i in D} a_i W_down[:, i] || / || W_down a ||  (0 when the output 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -12,8 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from sparsing_utils.cett import (CETTCurve, NormHistogram, cett_per_token, cett_statistics, interpolate_thresholds,
-                                 neuron_norms, refine_thresholds, truncated_norms)
+from sparsing_utils.cett import (
+    CETTCurve,
+    NormHistogram,
+    cett_per_token,
+    cett_statistics,
+    interpolate_thresholds,
+    neuron_norms,
+    refine_thresholds,
+    truncated_norms,
+)
 from sparsing_utils.rules import CETTRule
 
 D_FF, D_MODEL, TOKENS = 37, 13, 29
@@ -272,10 +281,10 @@ def test_refine_thresholds_reaches_target(target):
         assert abs(float(got[i]) - target) <= 1e-4, (i, float(got[i]))
         exact = _mean_cett_f64(a, w_t, cn, float(eps[i]))  # independent re-evaluation
         assert abs(exact - target) <= 1e-4 + 1e-6
-        ref = _bisect(lambda e: _mean_cett_f64(a, w_t, cn, e), target, float(neuron_norms(a, cn).max()))
+        ref = _bisect(lambda e, a=a, w_t=w_t, cn=cn: _mean_cett_f64(a, w_t, cn, e), target, float(neuron_norms(a, cn).max()))
         assert abs(float(eps[i]) - ref) <= 0.01 * ref, (i, float(eps[i]), ref)
     # converged layers are not evaluated again
-    assert all(bool(c.sum() <= p.sum()) for p, c in zip(calls, calls[1:]))
+    assert all(bool(c.sum() <= p.sum()) for p, c in itertools.pairwise(calls))
 
 
 def test_refine_unreachable_target_keeps_best_point():

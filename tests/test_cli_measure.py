@@ -12,8 +12,8 @@ import os
 import re
 
 import pytest
-
 from conftest import build_tiny_tokenizer, markov_text
+
 from sparsing_utils.cli import main
 from sparsing_utils.measure import check_p_values, measure_sparsity
 
@@ -64,7 +64,7 @@ def check_report(path, ps, n_layers, tol=1e-3):
 @pytest.mark.parametrize("p", ["0", "100", "-1", "nan", "inf", "101"])
 def test_bad_p_returns_2_and_writes_nothing(tmp_path, capsys, p):
     out = tmp_path / "result.json"
-    rc, stdout, err = measure(["--model", "no/such-model-anywhere", "--p", "1", p, "--out", out], capsys)
+    rc, _, err = measure(["--model", "no/such-model-anywhere", "--p", "1", p, "--out", out], capsys)
     assert rc == 2
     assert "sparsing measure: error: p must be a percentage in (0, 100)" in err
     assert "hub" not in err  # refused before the (missing) model is looked up
@@ -156,7 +156,7 @@ def test_bad_text_through_cli(tmp_path, capsys, trained_dir):
     outdir = tmp_path / "out"
     for source, tokens, message in cases:
         out = outdir / "result.json"
-        rc, stdout, err = measure(["--model", trained_dir, "--text", source, "--tokens", tokens, "--block-len", 64,
+        rc, _, err = measure(["--model", trained_dir, "--text", source, "--tokens", tokens, "--block-len", 64,
                                    "--p", 1, "--out", out, "--quiet"], capsys)
         assert rc == 2, (source, err)
         assert "sparsing measure: error: " in err

@@ -14,11 +14,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import (
+    GATED_FAMILIES,
+    TINY_D_FF,
+    TINY_FAMILIES,
+    TINY_FAMILY_VOCAB,
+)
 from torch import nn
 
-from conftest import GATED_FAMILIES, TINY_D_FF, TINY_FAMILIES, TINY_FAMILY_VOCAB, build_tiny_family
-from sparsing_utils.ffn import FFN_REGISTRY, count_hooks, edit_activations, find_ffn_sites, read_activations
+from sparsing_utils.ffn import (
+    FFN_REGISTRY,
+    count_hooks,
+    edit_activations,
+    find_ffn_sites,
+    read_activations,
+)
 from sparsing_utils.rules import DenseRule, apply_rule
 
 # family -> (path of the decoder layer list, path inside a layer of the module whose *input*
@@ -156,7 +166,7 @@ def test_read_activations_equals_manual_ffn(tiny_family):
 
 
 def test_read_without_output_passes_only_a(tiny_family):
-    family, model = tiny_family
+    _, model = tiny_family
     calls = []
     with read_activations(model, lambda *args: calls.append(len(args))):
         logits(model, ids())
@@ -204,7 +214,7 @@ def test_edit_zeroing_equals_zeroing_w_down(tiny_family):
 
 
 def test_edit_returning_none_keeps_logits(tiny_family):
-    family, model = tiny_family
+    _, model = tiny_family
     x = ids()
     base = logits(model, x)
     with edit_activations(model, lambda site, a, gate: None, need_gate=True):
@@ -219,7 +229,6 @@ def test_gate_capture(tiny_family):
 
     def grab(site, a, gate):
         seen[site.index] = (a.clone(), None if gate is None else gate.clone())
-        return None
 
     try:
         with edit_activations(model, grab, need_gate=True):
@@ -233,7 +242,7 @@ def test_gate_capture(tiny_family):
     for i in range(2):
         a, gate = seen[i]
         assert gate is not None and gate.shape == a.shape
-        a_ref, gate_ref = manual_ffn(family, layers[i], store[i])
+        _, gate_ref = manual_ffn(family, layers[i], store[i])
         assert a.shape == (2, 11, TINY_D_FF)
         gate_ref = gate_ref.reshape(a.shape)
         torch.testing.assert_close(gate.double(), gate_ref, atol=2e-5, rtol=1e-4)
@@ -298,10 +307,9 @@ def test_hooks_removed_after_context_and_exceptions(tiny_family):
     for ctx in (lambda: read_activations(model, lambda s, a, y: None, with_output=True),
                 lambda: edit_activations(model, lambda s, a, g: None, need_gate=True),
                 lambda: apply_rule(model, DenseRule())):
-        with pytest.raises(RuntimeError, match="inside the block"):
-            with ctx():
-                assert count_hooks(model) > 0
-                raise RuntimeError("inside the block")
+        with pytest.raises(RuntimeError, match="inside the block"), ctx():
+            assert count_hooks(model) > 0
+            raise RuntimeError("inside the block")
         assert count_hooks(model) == 0
 
     # an exception raised inside a hook callback, during the forward
@@ -310,9 +318,8 @@ def test_hooks_removed_after_context_and_exceptions(tiny_family):
 
     for ctx in (lambda: read_activations(model, boom), lambda: read_activations(model, boom, with_output=True),
                 lambda: edit_activations(model, boom), lambda: edit_activations(model, boom, need_gate=True)):
-        with pytest.raises(KeyError, match="from the hook"):
-            with ctx():
-                logits(model, x)
+        with pytest.raises(KeyError, match="from the hook"), ctx():
+            logits(model, x)
         assert count_hooks(model) == 0
     # and the model still runs cleanly afterwards
     assert torch.isfinite(logits(model, x)).all()

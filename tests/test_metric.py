@@ -10,6 +10,7 @@ activation ratios from a sparse forward whose masking the test does itself.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -18,12 +19,21 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Blocks
 from torch import nn
 
-from conftest import Blocks
 from sparsing_utils.ffn import count_hooks, find_ffn_sites
-from sparsing_utils.metric import (CheckpointResult, PPLPResult, SparsityProbe, SparsityReport, atomic_write_json,
-                                   pareto_sweep, search_checkpoints, search_ppl_p, sparse_inference)
+from sparsing_utils.metric import (
+    CheckpointResult,
+    PPLPResult,
+    SparsityProbe,
+    SparsityReport,
+    atomic_write_json,
+    pareto_sweep,
+    search_checkpoints,
+    search_ppl_p,
+    sparse_inference,
+)
 from sparsing_utils.rules import CETTRule, apply_rule
 
 D_FF = 37
@@ -349,15 +359,13 @@ def test_sparse_inference(trained_llama, searched, probe):
             assert torch.equal(model(input_ids=x).logits, ref)
         assert count_hooks(model) == 0
         assert torch.equal(model(input_ids=x).logits, dense)  # clean afterwards
-    with pytest.raises(ValueError, match="pass p="):
-        with sparse_inference(model, report):
-            pass
-    with pytest.raises(ValueError, match="3 thresholds for a model with 2 FFN layers"):
-        with sparse_inference(model, [0.1, 0.1, 0.1]):
-            pass
-    with pytest.raises(RuntimeError, match="boom"):
-        with sparse_inference(model, r):
-            raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="pass p="), sparse_inference(model, report):
+        pass
+    with pytest.raises(ValueError, match="3 thresholds for a model with 2 FFN layers"), \
+            sparse_inference(model, [0.1, 0.1, 0.1]):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), sparse_inference(model, r):
+        raise RuntimeError("boom")
     assert count_hooks(model) == 0
 
 
@@ -367,7 +375,7 @@ COLUMNS = ["rule", "value", "activation_ratio", "ppl", "ppl_ratio"]
 
 
 def _nonincreasing(xs, slack=0.0):
-    return all(b <= a + slack for a, b in zip(xs, xs[1:]))
+    return all(b <= a + slack for a, b in itertools.pairwise(xs))
 
 
 def test_pareto_sweeps(probe):

@@ -11,10 +11,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_D_FF, TINY_FAMILY_VOCAB, build_tiny_family
+
 from sparsing_utils.ffn import count_hooks, find_ffn_sites
-from sparsing_utils.rules import CETTRule, DenseRule, FATRule, ReLURule, TopKRule, apply_rule
+from sparsing_utils.rules import (
+    CETTRule,
+    DenseRule,
+    FATRule,
+    ReLURule,
+    TopKRule,
+    apply_rule,
+)
 
 
 def ids(batch=3, seq=13, seed=0, vocab=TINY_FAMILY_VOCAB):
@@ -110,7 +117,7 @@ def test_topk_per_token_in_model(score):
 
 def test_topk_gate_on_gated_model_ranks_by_gate_not_a():
     model = build_tiny_family("qwen2")
-    _, masks_gate, cap = run_rule(model, TopKRule(0.3, score="gate"), ids())
+    _, masks_gate, _ = run_rule(model, TopKRule(0.3, score="gate"), ids())
     _, masks_mag, _ = run_rule(model, TopKRule(0.3, score="magnitude"), ids())
     assert not torch.equal(masks_gate[0], masks_mag[0])  # the gate ranking is a different ranking
 
@@ -133,8 +140,8 @@ def test_topk_global_official_keeps_exactly_per_batch():
         assert per_token.min() != per_token.max()  # not k per token: one ranking over the batch
 
 
-@pytest.mark.parametrize("kw", [dict(ratio=0), dict(ratio=1.5), dict(ratio=-0.1), dict(ratio=0.5, score="abs"),
-                                dict(ratio=0.5, scope="batch")])
+@pytest.mark.parametrize("kw", [{"ratio": 0}, {"ratio": 1.5}, {"ratio": -0.1}, {"ratio": 0.5, "score": "abs"},
+                                {"ratio": 0.5, "scope": "batch"}])
 def test_topk_bad_arguments(kw):
     with pytest.raises(ValueError, match="Top-k"):
         TopKRule(**kw)
@@ -218,7 +225,7 @@ def test_cett_rule_masks_exactly_small_neuron_norms():
     thresholds = [float(torch.quantile((cap.before[s.index].double().abs() * norms[s.index]).reshape(-1), q))
                   for s, q in zip(sites, (0.3, 0.6))]
     rule = CETTRule(thresholds)
-    out, masks, cap = run_rule(model, rule, ids())
+    _, masks, cap = run_rule(model, rule, ids())
     for s in sites:
         n = cap.before[s.index].double().abs() * norms[s.index]  # a as the rule saw it (after layer 0's cut)
         expected = n > thresholds[s.index]
@@ -238,18 +245,18 @@ def test_apply_rule_non_finite_activations():
     model = build_tiny_family("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"non-finite FFN activations at model\.layers\.1\.mlp\.down_proj"):
-        with apply_rule(model, DenseRule()):
-            run(model, ids())
+    with pytest.raises(FloatingPointError, match=r"non-finite FFN activations at model\.layers\.1\.mlp\.down_proj"), \
+            apply_rule(model, DenseRule()):
+        run(model, ids())
     assert count_hooks(model) == 0
 
 
 def test_gate_rule_without_activation_module_is_refused():
     model = build_tiny_family("llama")
     sites = [dataclasses.replace(s, act_module=None) for s in find_ffn_sites(model)]
-    with pytest.raises(ValueError, match="needs the activation module"):
-        with apply_rule(model, FATRule(0.1), sites=sites):
-            pass
+    with pytest.raises(ValueError, match="needs the activation module"), \
+            apply_rule(model, FATRule(0.1), sites=sites):
+        pass
     assert count_hooks(model) == 0
     # a rule scoring by |a| still works on those sites
     with apply_rule(model, TopKRule(0.5, score="magnitude"), sites=sites):
