@@ -34,7 +34,7 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
                      p: float | Sequence[float] = (1.0, 5.0, 10.0), block_len: int = 512,
                      dtype: str = "auto", device: str = "auto", batch_size: int | None = None,
                      mode: str = "memory", calibrate_on_split: bool = False, seed: int = 0,
-                     sketch_dim: int = 64, tol: float = 1e-3, progress: bool = True,
+                     sketch_dim: int = 64, curve_tokens: int = 4096, tol: float = 1e-3, progress: bool = True,
                      tokenizer=None) -> SparsityReport:
     """PPL-p% sparsity of one model on one text (see the module docstring).
 
@@ -60,19 +60,19 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
     if calibrate_on_split:
         cal = make_blocks(tok, text, tokens=tokens, block_len=block_len, split="calibration", seed=seed)
         evl = make_blocks(tok, text, tokens=tokens, block_len=block_len, split="evaluation", seed=seed)
-        calib = SparsityProbe(net, cal, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim,
+        calib = SparsityProbe(net, cal, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim, curve_tokens=curve_tokens,
                               progress=progress, name="calibration")
         probe = SparsityProbe(net, evl, mode=mode, batch_size=batch_size, progress=progress,
                               name="evaluation", calibration=calib)
         text_info = {"source": text, "calibration": cal.to_dict(), "evaluation": evl.to_dict()}
     else:
         blocks = make_blocks(tok, text, tokens=tokens, block_len=block_len, seed=seed)
-        probe = SparsityProbe(net, blocks, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim,
+        probe = SparsityProbe(net, blocks, mode=mode, batch_size=batch_size, sketch_dim=sketch_dim, curve_tokens=curve_tokens,
                               progress=progress, name=model_info.get("spec", "model"))
         text_info = {"source": text, **blocks.to_dict()}
     report = measure_probe(probe, ps, model_info=model_info, text_info=text_info, seed=seed, tol=tol)
     report.seconds = time.perf_counter() - start
-    report.extra.update({"block_len": block_len, "sketch_dim": sketch_dim})
+    report.extra.update({"block_len": block_len, "sketch_dim": sketch_dim, "curve_tokens": curve_tokens})
     return report
 
 

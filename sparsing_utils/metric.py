@@ -1,7 +1,7 @@
 """PPL-p% sparsity (Luo et al. 2024, Sec. 3.1 and Algorithm 1; PAPER.md Sec. 1).
 
 Data flow: token blocks -> one dense pass (dense PPL; each layer's CETT curve on a grid of
-thresholds, estimated through a random projection of ``W_down``; in memory mode the
+thresholds, estimated on the first tokens through a random projection of ``W_down``; in memory mode the
 activations ``a`` of every layer) -> an outer search on the CETT target ``c`` (a log-log
 secant on the monotone PPL-vs-CETT relation; each step: exact thresholds from the curve
 by a few secant steps on all tokens, then one sparse pass) -> :class:`PPLPResult`.
@@ -109,12 +109,12 @@ class SparsityProbe:
 
     Parameters: ``blocks`` is a :class:`~sparsing_utils.corpora.TokenBlocks` (or anything with
     ``input_ids`` and ``attention_mask`` ``[n_blocks, block_len]``); ``mode`` is ``"memory"``
-    or ``"stream"``; ``sketch_dim`` is the size of the random projection used for the CETT
-    curves (the curves only guide the exact threshold search).
+    or ``"stream"``. The CETT curves that guide the exact threshold search are estimated on the
+    first ``curve_tokens`` tokens, through a ``sketch_dim``-dimensional random projection.
     """
 
     def __init__(self, model: nn.Module, blocks, *, mode: str = "memory", batch_size: int | None = None,
-                 sketch_dim: int = 64, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
+                 sketch_dim: int = 64, curve_tokens: int = 4096, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
                  name: str = "model", sites: Sequence[FFNSite] | None = None,
                  calibration: "SparsityProbe | None" = None):
         if mode not in ("memory", "stream"):
@@ -142,6 +142,7 @@ class SparsityProbe:
             batch_size = max(1, budget // block_len)
         self.batch_size = int(batch_size)
         self.sketch_dim = int(sketch_dim)
+        self.curve_tokens = int(curve_tokens)
         self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
         self.col_norms = [s.column_norms().to(s.module.weight.device) for s in self.sites]
         self.dense: PassStats | None = None
@@ -243,10 +244,12 @@ class SparsityProbe:
             yn = y[state["valid"]].float().norm(dim=-1)  # [tokens]
             if i not in grids:  # the first batch places the grid (quantiles of its norms)
                 grids[i] = self._grid(i, av)
-            c, act = cett_statistics(av, sketches[i], self.col_norms[i], grids[i], yn)
-            cett_sum[i] += c.to(self.device)
-            active_sum[i] += act.to(self.device)
-            tokens[i] += av.shape[0]
+            room = self.curve_tokens - int(tokens[i])
+            if room > 0:
+                c, act = cett_statistics(av[:room], sketches[i], self.col_norms[i], grids[i], yn[:room])
+                cett_sum[i] += c.to(self.device)
+                active_sum[i] += act.to(self.device)
+                tokens[i] += min(room, av.shape[0])
             if self.mode == "memory":
                 acts[i].append(av)
                 ynorms[i].append(yn)

