@@ -24,6 +24,8 @@ import torch
 __all__ = [
     "neuron_norms",
     "truncated_norms",
+    "truncated_statistics",
+    "activation_limits",
     "cett_per_token",
     "cett_statistics",
     "CETTCurve",
@@ -65,39 +67,71 @@ def neuron_norms(a: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
     return a.float().abs() * col_norms.float()  # [tokens, d_ff]
 
 
-def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
-                    thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
-                    max_elements: int = 1 << 26) -> torch.Tensor:
-    """``|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||`` for each threshold: ``[K, tokens]``.
+def activation_limits(col_norms: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Per-neuron limits on ``|a_i|``: neuron ``i`` is activated iff ``|a_i| > eps / ||W_down[:, i]||``,
+    i.e. iff ``|a_i| * ||W_down[:, i]|| > eps`` (PAPER.md Sec. 1). ``[K, d_ff]`` float32 for
+    thresholds ``[K]``; a neuron with a zero column is never activated (limit ``inf``).
 
-    a: ``[tokens, d_ff]``; w_t: ``W_down`` transposed ``[d_ff, d_model]``; thresholds: ``[K]``.
-    The K masked copies of a chunk of ``a`` are stacked into one ``[K*t, d_ff] @ [d_ff, d_model]``
+    Every rule in the package (search, statistics, inference) compares ``|a|`` with these limits,
+    so a neuron on the boundary is treated the same everywhere, with no float32 copy of ``a``.
+    """
+    cn = col_norms.float().reshape(1, -1)  # [1, d_ff]
+    eps = thresholds.float().reshape(-1, 1).to(cn.device)  # [K, 1]
+    return torch.where(cn > 0, eps / cn.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(cn, math.inf))
+
+
+def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
+                         thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
+                         max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm of the truncated tail and number of activated neurons, per threshold and token.
+
+    Returns ``(|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||  [K, tokens] float32,
+    activated counts [K, tokens] int32)``. a: ``[tokens, d_ff]``; w_t: ``W_down`` transposed
+    ``[d_ff, d_model]`` (or a sketch of it, :func:`sketch_weight`); thresholds: ``[K]``. The K
+    masked copies of a chunk of ``a`` are stacked into one ``[K*t, d_ff] @ [d_ff, d_model]``
     product; chunks keep ``K * t * d_ff <= max_elements``.
     """
     if a.dim() != 2:
         raise ValueError(f"a must be [tokens, d_ff], got shape {tuple(a.shape)}")
-    thresholds = thresholds.reshape(-1).to(device=a.device, dtype=torch.float32)
     cd = compute_dtype or default_compute_dtype(a)
     w = w_t.to(device=a.device, dtype=cd)
-    cn = col_norms.to(device=a.device, dtype=torch.float32)
+    limits = activation_limits(col_norms.to(a.device), thresholds.reshape(-1).to(a.device))  # [K, d_ff]
     tokens, d_ff = a.shape
-    n_k = thresholds.numel()
-    out = torch.empty(n_k, tokens, device=a.device, dtype=torch.float32)  # [K, tokens]
+    n_k = limits.shape[0]
+    norms = torch.empty(n_k, tokens, device=a.device, dtype=torch.float32)  # [K, tokens]
+    kept = torch.empty(n_k, tokens, device=a.device, dtype=torch.int32)  # [K, tokens]
     if tokens == 0 or n_k == 0:
-        return out
+        return norms, kept
     k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
     for k0 in range(0, n_k, k_group):
-        eps = thresholds[k0:k0 + k_group]  # [k]
-        k = eps.numel()
+        lim = limits[k0:k0 + k_group]  # [k, d_ff]
+        k = lim.shape[0]
         t_chunk = max(1, max_elements // (k * d_ff))
         for t0 in range(0, tokens, t_chunk):
             ac = a[t0:t0 + t_chunk]  # [t, d_ff]
-            n = ac.float().abs() * cn  # [t, d_ff]
-            mask = n.unsqueeze(0) <= eps.view(k, 1, 1)  # [k, t, d_ff]
-            masked = ac.to(cd).unsqueeze(0) * mask  # [k, t, d_ff]
+            t = ac.shape[0]
+            tail = ac.abs().unsqueeze(0) <= lim.unsqueeze(1)  # [k, t, d_ff] True = truncated
+            masked = ac.to(cd).unsqueeze(0) * tail  # [k, t, d_ff]
             s = masked.reshape(-1, d_ff) @ w  # [k*t, d_model]
-            out[k0:k0 + k, t0:t0 + ac.shape[0]] = s.float().norm(dim=-1).view(k, -1)
-    return out
+            norms[k0:k0 + k, t0:t0 + t] = s.float().norm(dim=-1).view(k, t)
+            kept[k0:k0 + k, t0:t0 + t] = d_ff - tail.sum(dim=-1, dtype=torch.int32)
+    return norms, kept
+
+
+def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
+                    thresholds: torch.Tensor, **kw) -> torch.Tensor:
+    """``|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||`` for each threshold: ``[K, tokens]``."""
+    return truncated_statistics(a, w_t, col_norms, thresholds, **kw)[0]
+
+
+def _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    if y_norm is None:
+        cd = default_compute_dtype(a)
+        y_norm = (a.to(cd) @ w_t.to(a.device, cd)).float().norm(dim=-1)  # [tokens]
+    num, kept = truncated_statistics(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
+    y = y_norm.to(num.device, torch.float32).unsqueeze(0)  # [1, tokens]
+    cett = torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+    return cett, kept
 
 
 def cett_per_token(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
@@ -107,11 +141,7 @@ def cett_per_token(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, 
     ``y_norm`` (``[tokens]``) is ``||W_down a||``; computed here when not given. A token whose
     FFN output is exactly zero has nothing to truncate: its CETT is 0.
     """
-    if y_norm is None:
-        y_norm = (a.to(default_compute_dtype(a)) @ w_t.to(a.device, default_compute_dtype(a))).float().norm(dim=-1)
-    num = truncated_norms(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
-    y = y_norm.to(num.device, torch.float32).unsqueeze(0)  # [1, tokens]
-    return torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+    return _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw)[0]
 
 
 def cett_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
@@ -121,11 +151,8 @@ def cett_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
     Returns ``(cett_sum [K], active_sum [K])`` in float64, ready to be added across chunks,
     batches and processes (then divided by the token count, and ``d_ff`` for the ratio).
     """
-    cett = cett_per_token(a, w_t, col_norms, thresholds, y_norm, **kw)  # [K, tokens]
-    n = neuron_norms(a, col_norms)  # [tokens, d_ff]
-    eps = thresholds.reshape(-1).to(n.device, torch.float32)
-    active = torch.stack([(n > e).sum() for e in eps]).double() if eps.numel() else torch.zeros(0)
-    return cett.double().sum(dim=1), active.to(cett.device)
+    cett, kept = _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw)  # [K, tokens]
+    return cett.double().sum(dim=1), kept.double().sum(dim=1)
 
 
 class NormHistogram:

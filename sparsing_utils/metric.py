@@ -61,6 +61,17 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _rows(x: torch.Tensor, state: dict) -> torch.Tensor:
+    """The non-padding positions of ``x [batch, seq, ...]`` as ``[tokens, ...]`` (a view when the
+    batch has no padding, which avoids a copy and a device synchronisation)."""
+    return x.reshape(-1, *x.shape[2:]) if state["all_valid"] else x[state["valid"]]
+
+
+def _batch_state(state: dict, mask: torch.Tensor) -> None:
+    state["valid"] = mask.bool()
+    state["all_valid"] = bool(state["valid"].all())
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -190,11 +201,12 @@ class SparsityProbe:
                     valid = (mask[:, 1:] * mask[:, :-1]).bool()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                            reduction="none").view_as(target)
-                    if not torch.isfinite(loss[valid]).all():
+                    loss = torch.where(valid, loss, torch.zeros_like(loss))
+                    if not torch.isfinite(loss).all():
                         raise FloatingPointError(
                             f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
                             "on this text; load it in float32 (dtype='float32') or check the input ids")
-                    nll += loss[valid].double().sum()
+                    nll += loss.double().sum()
                     count += valid.sum()
                 del out
                 if bar is not None:
@@ -230,20 +242,18 @@ class SparsityProbe:
         grids: dict[int, torch.Tensor] = {}
         sketches = {s.index: sketch_weight(s.weight_t().detach(), self.sketch_dim, seed=s.index) for s in self.sites}
         state = {}
+        finite = torch.ones(layers, dtype=torch.bool, device=self.device)  # checked after the pass
 
         def on_batch(mask):
-            state["valid"] = mask.bool()
+            _batch_state(state, mask)
 
         def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
             i = site.index
-            av = a[state["valid"]]  # [tokens, d_ff]
-            if not torch.isfinite(av).all():
-                raise FloatingPointError(
-                    f"non-finite FFN activations at {site.name}: load the model in float32 "
-                    "(dtype='float32') or check the input")
-            yn = y[state["valid"]].float().norm(dim=-1)  # [tokens]
+            av = _rows(a, state)  # [tokens, d_ff]
+            finite[i] &= torch.isfinite(av).all().to(self.device)
+            yn = _rows(y, state).float().norm(dim=-1)  # [tokens]
             if i not in grids:  # the first batch places the grid (quantiles of its norms)
-                grids[i] = self._grid(i, av)
+                grids[i] = self._grid(i, av[: self.curve_tokens])
             room = self.curve_tokens - int(tokens[i])
             if room > 0:
                 c, act = cett_statistics(av[:room], sketches[i], self.col_norms[i], grids[i], yn[:room])
@@ -254,9 +264,20 @@ class SparsityProbe:
                 acts[i].append(av)
                 ynorms[i].append(yn)
 
-        with read_activations(self.model, read, sites=self.sites, with_output=True):
-            nll, count = self._run(f"dense pass ({self.name})", on_batch=on_batch)
+        def check_activations():
+            if not bool(finite.all()):
+                bad = self.sites[int((~finite).nonzero()[0])].name
+                raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
+                                         "this input; load it in float32 (dtype='float32') or check the input ids")
+
+        try:
+            with read_activations(self.model, read, sites=self.sites, with_output=True):
+                nll, count = self._run(f"dense pass ({self.name})", on_batch=on_batch)
+        except FloatingPointError:
+            check_activations()  # name the first layer that went non-finite, if one did
+            raise
         self.dense_passes += 1
+        check_activations()
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
         self.dense = PassStats(nll, count)
@@ -309,16 +330,15 @@ class SparsityProbe:
             state = {}
 
             def on_batch(mask):
-                state["valid"] = mask.bool()
+                _batch_state(state, mask)
 
             def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
                 i = site.index
                 if not bool(todo[i]):
                     return
-                valid = state["valid"]
-                av = a[valid]
+                av = _rows(a, state)
                 c, act = cett_statistics(av, site.weight_t().detach(), self.col_norms[i], eps[i].to(av.device),
-                                         y[valid].float().norm(dim=-1))
+                                         _rows(y, state).float().norm(dim=-1))
                 cett_sum[i] += c.to(self.device)
                 active_sum[i] += act.to(self.device)
                 tokens[i] += av.shape[0]
@@ -392,19 +412,18 @@ class SparsityProbe:
         state = {"offset": 0}
 
         def on_batch(mask):
-            state["valid"] = mask.bool()
+            _batch_state(state, mask)
             state["start"] = state.get("next", 0)
             state["next"] = state["start"] + int(mask.sum())
 
         def record(site: FFNSite, keep: torch.Tensor):
-            valid = state["valid"]
-            k = keep[valid]  # [tokens, d_ff]
-            counts = k.sum(dim=-1, dtype=torch.float32)  # [tokens]
-            active[site.index] += counts.double().sum()
+            counts = _rows(keep.sum(dim=-1, dtype=torch.float32), state)  # [tokens]
+            active[site.index] += counts.sum(dtype=torch.float64)
             if per_tok is not None:
                 per_tok[site.index, state["start"]:state["next"]] = counts / site.d_ff
 
-        with apply_rule(self.model, rule, sites=self.sites, record=record):
+        # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
+        with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
             nll, count = self._run(f"sparse pass ({self.name})", on_batch=on_batch)
         self.sparse_passes += 1
         _all_reduce(active)
@@ -557,49 +576,56 @@ def _log_excess(r: float) -> float:
     return math.log(max(r - 1.0, 1e-7))
 
 
-def _local_slope(points: list[tuple[float, float]], c: float) -> float | None:
-    """d log(ratio - 1) / d log(c) of the two evaluated points nearest to ``c``."""
-    pts = sorted((q, r) for q, r in points if r > 1.0)
-    if len(pts) < 2:
-        return None
-    pts.sort(key=lambda qr: abs(math.log(qr[0] / c)))
-    (ca, ra), (cb, rb) = sorted(pts[:2])
-    if abs(math.log(cb / ca)) < 1e-9:
-        return None
-    s = (_log_excess(rb) - _log_excess(ra)) / math.log(cb / ca)
-    return s if 0.3 < s < 10 else None
+def _loglog_slope(points: list[tuple[float, float]], target: float) -> float:
+    """Slope of log(ratio - 1) against log(c), by least squares over the evaluated points whose
+    excess is at least a quarter of the target's (below that the PPL ratio is mostly noise);
+    3 when fewer than two such points (PPL excess grows about like c^3 in the models tried)."""
+    want = target - 1.0
+    xy = [(math.log(c), math.log(r - 1.0)) for c, r in points if r - 1.0 >= 0.25 * want]
+    if len(xy) >= 2:
+        mx = sum(x for x, _ in xy) / len(xy)
+        my = sum(y for _, y in xy) / len(xy)
+        sxx = sum((x - mx) ** 2 for x, _ in xy)
+        if sxx > 1e-12:
+            slope = sum((x - mx) * (y - my) for x, y in xy) / sxx
+            if 0.5 < slope < 10:
+                return slope
+    return 3.0
 
 
 def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> float | None:
-    """Next CETT to try: log-log secant on (c, PPL ratio - 1), kept inside the bracket.
+    """Next CETT to try on the monotone (but bumpy) PPL-vs-CETT relation.
 
-    Before a bracket exists, steps along the local slope of the evaluated points (or 2:
-    the PPL excess grows about like c^2 for small truncations).
+    Newton-like step in log-log space from the evaluated point nearest the target, with the
+    slope fitted to all useful points (:func:`_loglog_slope`); kept strictly inside the
+    bracket (else the bracket's log-midpoint), and at most a factor 10 per step outside one.
     """
     below = [(c, r) for c, r in points if r < target]
     above = [(c, r) for c, r in points if r >= target]
     y_star = math.log(target - 1.0)
+    positive = [(c, r) for c, r in points if r > 1.0]
+    if not positive:  # no measurable degradation yet: step up a lot
+        c = max(c for c, _ in points)
+        return None if c >= c_max else min(c_max, 4.0 * c)
+    c0, r0 = min(positive, key=lambda cr: abs(_log_excess(cr[1]) - y_star))
+    x = math.log(c0) + (y_star - _log_excess(r0)) / _loglog_slope(points, target)
     if below and above:
-        (c0, r0), (c1, r1) = max(below), min(above)
-        x0, x1 = math.log(c0), math.log(c1)
+        x0, x1 = math.log(max(below)[0]), math.log(min(above)[0])
         if x1 - x0 < 1e-9:
             return None
-        y0, y1 = _log_excess(r0), _log_excess(r1)
-        x = x0 + (y_star - y0) * (x1 - x0) / (y1 - y0) if y1 > y0 else 0.5 * (x0 + x1)
-        lo, hi = x0 + 0.02 * (x1 - x0), x1 - 0.02 * (x1 - x0)
-        if not lo <= x <= hi:
+        margin = 0.05 * (x1 - x0)
+        if not x0 + margin <= x <= x1 - margin:
             x = 0.5 * (x0 + x1)
         return math.exp(x)
-    c, r = max(below) if below else min(above)
-    if below and c >= c_max:
+    x = max(math.log(c0) - math.log(10.0), min(math.log(c0) + math.log(10.0), x))
+    if below and x <= math.log(max(below)[0]):
+        x = math.log(max(below)[0]) + math.log(1.5)
+    if above and x >= math.log(min(above)[0]):
+        x = math.log(min(above)[0]) - math.log(1.5)
+    c = math.exp(x)
+    if below and max(below)[0] >= c_max:
         return None
-    if r <= 1.0:  # no measurable degradation yet: step up a lot
-        step = math.log(4.0)
-    else:
-        slope = _local_slope(points, c) or 2.0
-        step = (y_star - _log_excess(r)) / slope
-    step = max(-math.log(10.0), min(math.log(10.0), step))
-    return min(c_max, c * math.exp(step))
+    return min(c_max, c)
 
 
 def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, tol: float = 1e-3,

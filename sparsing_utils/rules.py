@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .cett import activation_limits
 from .ffn import FFNSite, edit_activations, find_ffn_sites
 
 __all__ = ["SparsityRule", "CETTRule", "TopKRule", "FATRule", "ReLURule", "DenseRule", "apply_rule"]
@@ -52,10 +53,15 @@ class CETTRule(SparsityRule):
         if not torch.isfinite(t).all() or (t < 0).any():
             raise ValueError("CETT thresholds must be finite and >= 0 (one per layer)")
         self.thresholds = t
+        self._limits: dict[int, torch.Tensor] = {}
 
     def keep(self, site, a, gate, col_norms):
-        eps = self.thresholds[site.index]
-        return a.float().abs() * col_norms > eps  # [..., d_ff]
+        # |a_i| * ||W_down[:, i]|| > eps_l, as |a_i| > eps_l / ||W_down[:, i]|| (cett.activation_limits)
+        limits = self._limits.get(site.index)
+        if limits is None or limits.device != a.device:
+            limits = activation_limits(col_norms, self.thresholds[site.index : site.index + 1])[0].to(a.device)
+            self._limits[site.index] = limits
+        return a.abs() > limits  # [..., d_ff]
 
     def describe(self):
         return {"rule": self.name, "thresholds": self.thresholds.tolist()}
@@ -152,17 +158,19 @@ Recorder = Callable[[FFNSite, torch.Tensor], None]
 
 @contextlib.contextmanager
 def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite] | None = None,
-               record: Recorder | None = None) -> Iterator[list[FFNSite]]:
+               record: Recorder | None = None, check_finite: bool = True) -> Iterator[list[FFNSite]]:
     """Run ``model`` with the non-activated entries of ``a`` set to zero.
 
     ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``,
-    for activation statistics. Hooks are removed on exit, also after an exception.
+    for activation statistics. ``check_finite`` raises on NaN/inf activations (one device
+    synchronisation per layer; callers that check the loss instead turn it off). Hooks are
+    removed on exit, also after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     norms = {s.index: s.column_norms().to(s.module.weight.device) for s in sites}
 
     def edit(site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if not torch.isfinite(a).all():
+        if check_finite and not torch.isfinite(a).all():
             raise FloatingPointError(
                 f"non-finite FFN activations at {site.name}: the model produces NaN/inf on this "
                 "input; check the dtype (try float32) and the input ids"
@@ -170,7 +178,7 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
         keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
         if record is not None:
             record(site, keep)
-        return a * keep.to(a.dtype)
+        return a * keep
 
     with edit_activations(model, edit, sites=sites, need_gate=rule.need_gate):
         yield sites
