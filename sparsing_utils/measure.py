@@ -34,7 +34,7 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
                      p: float | Sequence[float] = (1.0, 5.0, 10.0), block_len: int = 512,
                      dtype: str = "auto", device: str = "auto", batch_size: int | None = None,
                      mode: str = "memory", calibrate_on_split: bool = False, seed: int = 0,
-                     sketch_dim: int = 64, curve_tokens: int = 4096, tol: float = 1e-3, progress: bool = True,
+                     sketch_dim: int = 64, curve_tokens: int = 1024, tol: float = 1e-3, progress: bool = True,
                      tokenizer=None) -> SparsityReport:
     """PPL-p% sparsity of one model on one text (see the module docstring).
 

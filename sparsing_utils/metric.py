@@ -125,7 +125,7 @@ class SparsityProbe:
     """
 
     def __init__(self, model: nn.Module, blocks, *, mode: str = "memory", batch_size: int | None = None,
-                 sketch_dim: int = 64, curve_tokens: int = 4096, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
+                 sketch_dim: int = 64, curve_tokens: int = 1024, levels: Sequence[float] = DEFAULT_LEVELS, progress: bool = False,
                  name: str = "model", sites: Sequence[FFNSite] | None = None,
                  calibration: "SparsityProbe | None" = None):
         if mode not in ("memory", "stream"):
