@@ -10,7 +10,7 @@ import pytest
 from _notebooks import ROOT, execute, nbval
 
 NOTEBOOK = ROOT / "notebooks" / "01_ppl_p_sparsity.ipynb"
-SMOKE = {"smoke": True, "tokens": 512, "block_len": 256, "sweep_points": 3}
+SMOKE = {"smoke": True}
 
 
 def test_notebook_01_is_thin_and_stripped():
