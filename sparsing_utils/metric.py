@@ -64,7 +64,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 def _rows(x: torch.Tensor, state: dict) -> torch.Tensor:
     """The non-padding positions of ``x [batch, seq, ...]`` as ``[tokens, ...]`` (a view when the
     batch has no padding, which avoids a copy and a device synchronisation)."""
-    return x.reshape(-1, *x.shape[2:]) if state["all_valid"] else x[state["valid"]]
+    return x.reshape(-1, *x.shape[2:]) if state["all_valid"] else x[state["valid"].to(x.device)]
 
 
 def _batch_state(state: dict, mask: torch.Tensor) -> None:
@@ -206,8 +206,8 @@ class SparsityProbe:
                         raise FloatingPointError(
                             f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
                             "on this text; load it in float32 (dtype='float32') or check the input ids")
-                    nll += loss.double().sum()
-                    count += valid.sum()
+                    nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
+                    count += valid.sum().to(self.device)
                 del out
                 if bar is not None:
                     bar.update(1)
@@ -417,7 +417,7 @@ class SparsityProbe:
             state["next"] = state["start"] + int(mask.sum())
 
         def record(site: FFNSite, keep: torch.Tensor):
-            counts = _rows(keep.sum(dim=-1, dtype=torch.float32), state)  # [tokens]
+            counts = _rows(keep.sum(dim=-1, dtype=torch.float32), state).to(self.device)  # [tokens]
             active[site.index] += counts.sum(dtype=torch.float64)
             if per_tok is not None:
                 per_tok[site.index, state["start"]:state["next"]] = counts / site.d_ff
