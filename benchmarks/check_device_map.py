@@ -62,10 +62,11 @@ def main():
         r = search_ppl_p(SparsityProbe(spread, blocks, mode=mode), 1.0)
         torch.cuda.synchronize()
         rows.append((f"device_map over {len(devices)} GPUs", mode, time.perf_counter() - t, r))
-    print("| placement | mode | wall s | c | act. ratio | PPL ratio | converged |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| placement | mode | wall s | dense PPL | c | act. ratio | PPL ratio | converged |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for where, mode, sec, r in rows:
-        print(f"| {where} | {mode} | {sec:.2f} | {r.cett:.6f} | {r.activation_ratio:.5f} | {r.ppl_ratio:.5f} | {r.converged} |")
+        print(f"| {where} | {mode} | {sec:.2f} | {r.ppl_dense:.4f} | {r.cett:.6f} | {r.activation_ratio:.5f} | "
+              f"{r.ppl_ratio:.5f} | {r.converged} |")
 
 
 if __name__ == "__main__":
