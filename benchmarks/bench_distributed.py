@@ -91,8 +91,15 @@ def shard(blocks, rank: int, world: int):
     return SimpleNamespace(input_ids=blocks.input_ids[idx], attention_mask=blocks.attention_mask[idx]), idx
 
 
-def compare(a_path: str, b_path: str, *, c_rtol: float = 1e-4, eps_rtol: float = 1e-3, ratio_atol: float = 1e-5) -> bool:
-    """Compare two result files (e.g. world size 1 and 2): same c, thresholds within tolerance."""
+def compare(a_path: str, b_path: str, *, c_rtol_same: float = 1e-6, c_rtol: float = 1e-2,
+            act_atol: float = 5e-3) -> bool:
+    """Compare two result files (e.g. world sizes 1 and 2).
+
+    IDENTICAL: same ``c`` (relative 1e-6) and thresholds. EQUIVALENT: both searches converged
+    (PPL ratio within their tolerance of 1 + p%), ``c`` within 1% and activation ratios within
+    0.005 (the issue's accuracy bar); the search path may differ with the sharding because each
+    rank builds its part of the CETT curves from its own first tokens. Else DIFFERENT.
+    """
     with open(a_path) as f:
         a = json.load(f)
     with open(b_path) as f:
@@ -102,16 +109,23 @@ def compare(a_path: str, b_path: str, *, c_rtol: float = 1e-4, eps_rtol: float =
     deps = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(ra["thresholds"], rb["thresholds"]))
     dratio = abs(ra["ppl_ratio"] - rb["ppl_ratio"])
     dact = abs(ra["activation_ratio"] - rb["activation_ratio"])
-    ok = dc <= c_rtol and deps <= eps_rtol and dratio <= ratio_atol and dact <= 1e-4
     print(f"world sizes {a['config']['world_size']} vs {b['config']['world_size']}:")
-    print(f"  c:                {ra['cett']:.9f} vs {rb['cett']:.9f} (rel diff {dc:.2e}, tol {c_rtol:g})")
-    print(f"  thresholds:       max rel diff {deps:.2e} (tol {eps_rtol:g})")
+    print(f"  c:                {ra['cett']:.9f} vs {rb['cett']:.9f} (rel diff {dc:.2e})")
+    print(f"  thresholds:       max rel diff {deps:.2e}")
     print(f"  PPL ratio:        {ra['ppl_ratio']:.7f} vs {rb['ppl_ratio']:.7f} (diff {dratio:.1e})")
     print(f"  activation ratio: {ra['activation_ratio']:.6f} vs {rb['activation_ratio']:.6f} (diff {dact:.1e})")
+    print(f"  passes:           {a['dense_passes']} dense + {a['sparse_passes']} sparse vs "
+          f"{b['dense_passes']} dense + {b['sparse_passes']} sparse")
     print(f"  wall time:        {a['wall_s']:.2f} s vs {b['wall_s']:.2f} s "
           f"(speed-up {a['wall_s'] / b['wall_s']:.2f}x)")
-    print("  SAME ANSWER" if ok else "  DIFFERENT ANSWERS")
-    return ok
+    if dc <= c_rtol_same and deps <= 1e-4:
+        print("  IDENTICAL ANSWER")
+        return True
+    if ra["converged"] and rb["converged"] and dc <= c_rtol and dact <= act_atol:
+        print(f"  EQUIVALENT ANSWER (both converged; c within {c_rtol:g}, activation within {act_atol:g})")
+        return True
+    print("  DIFFERENT ANSWERS")
+    return False
 
 
 def main(argv=None) -> int:
@@ -123,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--p", type=float, default=1.0)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--curve-tokens", type=int, default=None,
-                    help="SparsityProbe curve_tokens per rank (default: the project's, divided by the world size)")
+                    help="SparsityProbe curve_tokens on each rank (default: the project's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.compare:
@@ -153,9 +167,8 @@ def main(argv=None) -> int:
                   f"({device}, batch {batch_size}, mode {args.mode})", all_ranks=True)
         kw = {}
         curve_tokens = args.curve_tokens
-        if curve_tokens is None:
-            curve_tokens = max(block_len, 4096 // world)  # the same global subsample size for every world size
-        kw["curve_tokens"] = curve_tokens
+        if curve_tokens is not None:
+            kw["curve_tokens"] = curve_tokens
         if world > 1:
             dist.barrier()
         if device.type == "cuda":

@@ -58,6 +58,7 @@ Deliberate differences from the official scripts (documented, not defects)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,17 @@ def _sync(device: torch.device) -> None:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    """fp32 products as in the official code (PyTorch's default: no TF32), whatever the caller set."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,11 +388,12 @@ def thresholds_from_capture(model: nn.Module, capture: DenseCapture, c: float, *
     """Every layer's threshold search on the activations of one dense capture."""
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     out = []
-    for site in sites:
-        a = capture.acts[site.index]
-        out.append(search_layer_threshold(a, site.weight_t(), site.column_norms().to(a.device), c,
-                                          num_candidates=num_candidates, quantile=quantile,
-                                          faithful_defects=faithful_defects, timings=timings))
+    with torch.no_grad(), _strict_fp32():
+        for site in sites:
+            a = capture.acts[site.index]
+            out.append(search_layer_threshold(a, site.weight_t(), site.column_norms().to(a.device), c,
+                                              num_candidates=num_candidates, quantile=quantile,
+                                              faithful_defects=faithful_defects, timings=timings))
     return out
 
 
@@ -405,11 +418,12 @@ def capture_cett(model: nn.Module, capture: DenseCapture, thresholds: Sequence[f
     """Independent check: every layer's mean CETT (truncate ``n <= eps``, fp32) at given thresholds."""
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     out = []
-    for site in sites:
+    for site in sites:  # (no_grad from the decorator; fp32 as in the search)
         a32 = capture.acts[site.index].float()
         w32 = site.weight_t().detach().to(a32.device, torch.float32)
         norms = a32.abs() * site.column_norms().to(a32.device)
-        out.append(layer_cett(a32, w32, norms, float(thresholds[site.index]), (a32 @ w32).norm(dim=-1)))
+        with _strict_fp32():
+            out.append(layer_cett(a32, w32, norms, float(thresholds[site.index]), (a32 @ w32).norm(dim=-1)))
     return out
 
 
