@@ -26,6 +26,52 @@ from .metric import (CheckpointResult, PassStats, PPLPResult, SparsityProbe, Spa
 from .models import DEFAULT_MODEL, LoadedModel, describe_model, load_model, smollm2_gguf_path  # noqa: E402
 from .rules import CETTRule, DenseRule, FATRule, ReLURule, SparsityRule, TopKRule, apply_rule  # noqa: E402
 
+__all__ = [
+    "__version__",
+    "CETTCurve",
+    "NormHistogram",
+    "cett_per_token",
+    "cett_statistics",
+    "interpolate_thresholds",
+    "neuron_norms",
+    "refine_thresholds",
+    "truncated_norms",
+    "BUILTIN_SOURCES",
+    "TokenBlocks",
+    "blocks_from_text",
+    "load_text",
+    "make_blocks",
+    "FFNSite",
+    "count_hooks",
+    "edit_activations",
+    "find_ffn_sites",
+    "read_activations",
+    "check_p_values",
+    "measure_probe",
+    "measure_sparsity",
+    "CheckpointResult",
+    "PassStats",
+    "PPLPResult",
+    "SparsityProbe",
+    "SparsityReport",
+    "pareto_sweep",
+    "search_checkpoints",
+    "search_ppl_p",
+    "sparse_inference",
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "describe_model",
+    "load_model",
+    "smollm2_gguf_path",
+    "CETTRule",
+    "DenseRule",
+    "FATRule",
+    "ReLURule",
+    "SparsityRule",
+    "TopKRule",
+    "apply_rule",
+]
+
 # Figures and fits need matplotlib/seaborn and lmfit; import them on first use so the
 # measuring code also runs where only torch and transformers are installed (GPU boxes).
 _LAZY = {"plots": "sparsing_utils.plots", "fitting": "sparsing_utils.fitting", "laws": "sparsing_utils.laws"}

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Iterable, Mapping, Sequence
 import lmfit
 import numpy as np
 
+from .jsonio import atomic_write_json
 from .laws import (
     PAPER,
     POWER_LAW,
@@ -557,25 +557,8 @@ def _jsonable(x):
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    """Write JSON to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``obj`` (numpy values allowed, NaN as null) to ``path`` atomically."""
+    return atomic_write_json(path, _jsonable(obj), indent=2)
 
 
 @dataclass

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -32,6 +31,7 @@ from . import __version__
 from .cett import (CETTCurve, NormHistogram, cett_statistics, interpolate_thresholds, neuron_norms,
                    refine_thresholds, sketch_weight)
 from .ffn import FFNSite, find_ffn_sites, read_activations
+from .jsonio import atomic_write_json
 from .rules import CETTRule, SparsityRule, apply_rule
 
 __all__ = [
@@ -74,23 +74,6 @@ def _batch_state(state: dict, mask: torch.Tensor) -> None:
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``: never half written."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 @dataclass
@@ -159,6 +142,14 @@ class SparsityProbe:
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            fewest = torch.tensor(float(ids.shape[0]), device=self.device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            if fewest.item() < 1:  # a rank without blocks would wait forever in the hooks' all-reduces
+                raise ValueError(f"a process has no token blocks ({dist.get_world_size()} processes): "
+                                 "use more blocks or fewer processes")
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0

@@ -310,14 +310,15 @@ def test_report_round_trip(tmp_path, searched, probe):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch, searched, probe):
+    import sparsing_utils.jsonio as jsonio
+
     report = _report(searched, probe)
-    real_dump = json.dump
+    real_fsync = os.fsync
 
-    def broken_dump(obj, fp, **kw):
-        fp.write('{"results": [')  # half a file ...
-        raise RuntimeError("disk full")  # ... then a failure
+    def broken_fsync(fd):  # the temp file holds the bytes, then the disk fails
+        raise RuntimeError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(jsonio.os, "fsync", broken_fsync)
     fresh = tmp_path / "fresh.json"
     with pytest.raises(RuntimeError, match="disk full"):
         report.save(fresh)
@@ -329,13 +330,20 @@ def test_save_is_atomic(tmp_path, monkeypatch, searched, probe):
         report.save(old)
     assert old.read_text() == '{"previous": true}\n'
     assert sorted(os.listdir(tmp_path)) == ["old.json"]
-    monkeypatch.setattr(json, "dump", real_dump)
+    monkeypatch.setattr(jsonio.os, "fsync", real_fsync)
     report.save(old)
     assert SparsityReport.load(old) == report
+    assert oct(old.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # usual permissions, not 0600
     # NaN is refused rather than written as invalid JSON
     with pytest.raises(ValueError):
         atomic_write_json(tmp_path / "nan.json", {"x": float("nan")})
     assert sorted(os.listdir(tmp_path)) == ["old.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_sparse_inference(trained_llama, searched, probe):
