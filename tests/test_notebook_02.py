@@ -1,34 +1,22 @@
 """Notebook 02 (activation vs training data) runs end to end with CI parameters."""
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from _notebooks import execute, nbval
+from _notebooks import assert_thin_and_stripped, execute, nbval
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "02_activation_vs_data.ipynb"
 RAW_DIR = ROOT.parent / "shared" / "paper" / "activation-vs-data"
 
 
-def _cells():
-    return json.loads(NOTEBOOK.read_text())["cells"]
-
-
 def test_notebook_02_is_thin_and_stripped():
-    cells = _cells()
-    code = [c for c in cells if c["cell_type"] == "code"]
-    assert "parameters" in code[0].get("metadata", {}).get("tags", [])
-    for c in code:
-        tree = ast.parse("".join(c["source"]))
-        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda)) for n in ast.walk(tree))
-        assert not c.get("outputs") and c.get("execution_count") is None, "commit the notebook without outputs"
-    assert NOTEBOOK.stat().st_size < 2_000_000
-    assert any("2411.02335" in "".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    code = assert_thin_and_stripped(NOTEBOOK)
+    assert any("NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in code), "a headline cell must be checked"
 
 
 @pytest.mark.notebook
