@@ -400,11 +400,11 @@ class SparsityProbe:
         active = torch.zeros(layers, dtype=torch.float64, device=self.device)
         local_tokens = int(self.attention_mask.sum())
         per_tok = torch.zeros(layers, local_tokens, dtype=torch.float32, device=self.device) if per_token else None
-        state = {"offset": 0}
+        state = {"next": 0}  # per-token columns of the current batch: [start, next)
 
         def on_batch(mask):
             _batch_state(state, mask)
-            state["start"] = state.get("next", 0)
+            state["start"] = state["next"]
             state["next"] = state["start"] + int(mask.sum())
 
         def record(site: FFNSite, keep: torch.Tensor):
