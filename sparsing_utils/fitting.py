@@ -507,9 +507,10 @@ def fit_law(
     """
     spec = get_law(law)
     hold = dict(hold or {})
-    unknown = set(hold) - set(spec.param_names)
+    unknown = set(hold) - set(spec.free_names)
     if unknown:
-        raise ValueError(f"cannot hold {sorted(unknown)}: law {spec.name} has parameters {spec.param_names}")
+        raise ValueError(f"cannot hold {sorted(unknown)}: law {spec.name} fits {spec.free_names}"
+                         + (f" (and holds {dict(spec.fixed)} already)" if spec.fixed else ""))
     n_free = spec.n_free - len(hold)
     D, A = validate_series(D, A, ratio=spec.ratio if ratio is None else ratio)
     check_enough_points(len(D), spec, len(hold))
@@ -521,6 +522,9 @@ def fit_law(
     hold_int = {}
     for name, val in hold.items():
         ip = next(i for i in ips if i.coefficient == name)
+        lo, hi = ip.transform.bounds(ip.lo, ip.hi, float(D.min()))
+        if not lo <= val <= hi:
+            raise ValueError(f"{name} = {val} is outside its admissible range [{lo:g}, {hi:g}] for law {spec.name}")
         hold_int[ip.name] = _internal_value(ip, val, D)
     core = _fit_core(spec, D, A, hold=hold_int, n_starts=n_starts)
     res = core.result

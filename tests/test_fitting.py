@@ -246,6 +246,19 @@ def test_empty_series_and_point_counts():
         fitting.fit_law([1.0, 2.0], [0.1, 0.2], "sigmoid")
 
 
+def test_holding_a_coefficient():
+    D, y = synthetic("silu")
+    held = fitting.fit_law(D, y, "silu", n_bootstrap=0, hold={"A0": 0.4})
+    assert held.params["A0"] == 0.4 and held.n_free == 2 and held.fixed == {"A0": 0.4}
+    assert held.mse >= fitting.fit_law(D, y, "silu", n_bootstrap=0).mse
+    with pytest.raises(ValueError, match=r"A0 = 1.5 is outside its admissible range \[0, 1\] for law silu"):
+        fitting.fit_law(D, y, "silu", n_bootstrap=0, hold={"A0": 1.5})
+    with pytest.raises(ValueError, match=r"cannot hold \['a'\]: law log fits \('b', 'c', 'A0'\) \(and holds"):
+        fitting.fit_law(D, y, "log", n_bootstrap=0, hold={"a": 2.0})
+    with pytest.raises(ValueError, match=r"cannot hold \['beta'\]"):
+        fitting.fit_law(D, y, "silu", n_bootstrap=0, hold={"beta": 1.0})
+
+
 def test_too_few_points_counts_free_parameters_of_each_law():
     D, y = np.array([1.0, 2.0, 4.0]), np.array([0.3, 0.35, 0.37])
     with pytest.raises(ValueError, match="3 free parameters.*at least 4"):
