@@ -48,8 +48,10 @@ def execute(notebook: Path, out: Path, parameters: dict) -> Path:
 
 
 def nbval(executed: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``pytest --nbval-lax`` on an executed notebook, in a subprocess; returns the result."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """``pytest --nbval-lax`` on an executed notebook, in a subprocess (this checkout first on its
+    ``PYTHONPATH``, as in :func:`execute`); returns the result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", str(executed),
          "--rootdir", str(executed.parent)],
