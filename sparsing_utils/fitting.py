@@ -1,428 +1,114 @@
 """Fitting the activation-data laws (Luo et al. 2024, arXiv:2411.02335, section 2) with lmfit.
 
-One automatic procedure fits every law to every series; nothing is tuned per model:
+One automatic procedure fits every law to every series; nothing is tuned per model, and what
+differs between laws is their entry in :data:`sparsing_utils.laws.LAWS`:
 
-1. **validation** of the series (finite, ``D > 0`` in billions of tokens, strictly
-   increasing, more points than free parameters), with errors that say how to fix it;
-2. a **linearised pre-fit** (variable projection): each law is linear in some of its
-   coefficients once the others are fixed (Eq. 4 is linear in ``A0`` and ``exp(b)``
-   for fixed ``alpha, c``; Eq. 5 in ``A0, c`` for fixed ``alpha``; ...), so a grid over
-   the nonlinear ones with exact least squares for the linear ones maps the whole
-   error surface cheaply and its local minima become the **multi-start** points;
-3. **Levenberg-Marquardt** polish of every start (``lmfit``, bounded parameters;
-   ``c`` is fitted as ``log c``), keep the lowest error;
-4. a **bound check**: a parameter close to a bound is pinned there and refitted; if that
-   is no worse the fit is reported with the parameter *at the bound* (``at_bound``);
+1. **validation** of the series (:mod:`sparsing_utils.series`: finite, ``D > 0`` in billions of
+   tokens, strictly increasing, more points than free parameters), with errors that say how to fix it;
+2. a **linearised pre-fit** (:mod:`sparsing_utils.prefit`): each law is linear in two of its
+   coefficients once the others are fixed, so a grid over the nonlinear ones with exact least
+   squares for the linear ones maps the whole error surface; its local minima are the **starts**;
+3. **Levenberg-Marquardt** polish of every start (``lmfit``, bounded coordinates of the law's
+   table; ``c`` is fitted as ``log c``), keep the lowest error;
+4. a **bound check**: a coordinate close to a bound is pinned there and refitted; if that is no
+   worse the fit is reported with the parameter *at the bound* (``at_bound``);
 5. goodness of fit (MSE, MAE, AIC, BIC), standard errors from the LM covariance, and a
    seeded **bootstrap** (residual, moving-block residual, or pairs) for every
    coefficient and for the limit ``A0``.
 
-Derived quantities: the limit activation ratio (:attr:`LawFit.limit`), ``dA/dD`` against
-the data-to-parameter ratio (Fig. 8, :func:`derivative_vs_data_ratio`), the width-depth
-bottleneck (Fig. 5, :func:`fit_bottleneck`), the limit loss (Fig. 12,
-:func:`fit_limit_loss`), the fit error against a fixed ``A0`` (:func:`mse_profile`),
-forecasting from the first checkpoints (:func:`forecast`).
+How well the data pin the limit down: :func:`mse_profile` (fit error against a fixed ``A0``)
+and :func:`profile_interval`. Tables over many series, forecasts and the derived laws of
+Figs. 5, 8 and 12 are in :mod:`sparsing_utils.analysis`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import lmfit
 import numpy as np
 
 from .jsonio import atomic_write_json
-from .laws import (
-    PAPER,
-    POWER_LAW,
-    Law,
-    bottleneck_law,
-    get_law,
-    non_embedding_params,
-    published_coefficients,
+from .laws import LAWS, PAPER, Law, get_law
+from .prefit import prefit_starts
+from .series import (
+    ActivationSeries,
+    check_enough_points,
+    load_series_file,
+    validate_series,
 )
 
 __all__ = [
-    "ActivationSeries",
+    "BOOTSTRAP_METHODS",
     "LawFit",
-    "BottleneckFit",
-    "validate_series",
-    "series_from_dict",
-    "load_series_file",
-    "load_activation_series",
-    "fit_law",
-    "fit_all",
-    "fit_series_file",
-    "fit_limit_loss",
-    "fit_bottleneck",
     "evaluate_params",
+    "fit_all",
+    "fit_law",
+    "fit_series_file",
     "mse_profile",
     "profile_interval",
-    "compare_with_published",
-    "compare_laws",
-    "forecast",
-    "forecast_table",
-    "derivative_vs_data_ratio",
-    "fits_to_frame",
-    "series_overview",
-    "derivative_table",
-    "derivative_at_ratios",
-    "limit_disagreements",
-    "limit_vs_first_checkpoints",
     "save_fits",
-    "write_json_atomic",
 ]
 
-TOKENS_PER_UNIT = 1e9  # the laws use D in billions of tokens
 BOOTSTRAP_METHODS = ("residual", "block", "pairs")
 
 
 # ---------------------------------------------------------------------------
-# input
+# a law's coordinates on one series (the table in laws.Law.coords)
 # ---------------------------------------------------------------------------
-def _first_bad(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
+class _Transform(NamedTuple):
+    """How a coordinate's value maps to its coefficient (``d0`` = min of the series' D)."""
+
+    coefficient: Callable[[float, float], float]
+    value: Callable[[float, float], float | None]  # inverse; None where no value gives the coefficient
+    bounds: Callable[[float, float, float], tuple[float, float]]  # the coefficient's range for a box
+    slope: Callable[[float], float]  # d coefficient / d value (delta-method standard errors)
 
 
-def validate_series(D, y, *, n_free: int = 0, ratio: bool = True, names=("D", "A")):
-    """Check a series before fitting and return it as two float arrays.
-
-    Raises :class:`ValueError` naming the problem and the fix for: different lengths,
-    non-numeric values, NaN/inf, ``D <= 0``, ``D`` not sorted or repeated, too few
-    points for ``n_free`` free parameters, and (``ratio=True``) values outside [0, 1].
-    """
-    dn, yn = names
-    try:
-        D = np.asarray(D, dtype=float)
-        y = np.asarray(y, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{dn} and {yn} must be lists of numbers ({err}); remove text or null entries") from None
-    if D.ndim != 1 or y.ndim != 1:
-        raise ValueError(f"{dn} and {yn} must be flat 1-D lists, got shapes {D.shape} and {y.shape}")
-    if len(D) != len(y):
-        raise ValueError(f"{dn} has {len(D)} values but {yn} has {len(y)}; give one {yn} per checkpoint")
-    for arr, nm in ((D, dn), (y, yn)):
-        if not np.all(np.isfinite(arr)):
-            i = _first_bad(~np.isfinite(arr))
-            raise ValueError(f"{nm} contains NaN or inf (first at index {i}); drop or fill those checkpoints")
-    if np.any(D <= 0):
-        i = _first_bad(D <= 0)
-        raise ValueError(
-            f"{dn} must be positive (the laws use D in billions of tokens), but {dn}[{i}] = {D[i]:g}; "
-            "drop the step-0 checkpoint"
-        )
-    if len(D) > 1:
-        step = np.diff(D)
-        if np.any(step == 0):
-            i = _first_bad(step == 0)
-            raise ValueError(
-                f"duplicate {dn} = {D[i]:g} at indices {i} and {i + 1}; keep one value per checkpoint "
-                "(average or drop the repeats)"
-            )
-        if np.any(step < 0):
-            i = _first_bad(step < 0)
-            raise ValueError(
-                f"{dn} is not sorted ascending ({dn}[{i}] = {D[i]:g} > {dn}[{i + 1}] = {D[i + 1]:g}); "
-                "sort the checkpoints by tokens passed"
-            )
-    if len(D) <= n_free:
-        raise ValueError(
-            f"{len(D)} points are too few for a law with {n_free} free parameters; "
-            f"give at least {n_free + 1} checkpoints"
-        )
-    if ratio and (np.any(y < 0) or np.any(y > 1)):
-        i = _first_bad((y < 0) | (y > 1))
-        raise ValueError(
-            f"{yn} must be activation ratios in [0, 1], but {yn}[{i}] = {y[i]:g}; "
-            "give fractions, not percentages"
-        )
-    return D, y
-
-
-def series_from_dict(obj, *, source: str = "series") -> tuple[np.ndarray, np.ndarray]:
-    """Read the paper's series format ``{"token_passed": [...], "activation_ratio": [...]}``.
-
-    Token counts are raw; the returned ``D`` is in **billions** of tokens.
-    """
-    if not isinstance(obj, Mapping):
-        raise ValueError(
-            f"{source}: expected a JSON object {{\"token_passed\": [...], \"activation_ratio\": [...]}}, "
-            f"got {type(obj).__name__}"
-        )
-    missing = [k for k in ("token_passed", "activation_ratio") if k not in obj]
-    if missing:
-        raise ValueError(
-            f"{source}: missing key(s) {missing}; the series needs \"token_passed\" (raw token counts) "
-            f"and \"activation_ratio\" (one per checkpoint); found keys {sorted(obj)}"
-        )
-    tokens, ratio = obj["token_passed"], obj["activation_ratio"]
-    for k, v in (("token_passed", tokens), ("activation_ratio", ratio)):
-        if not isinstance(v, (list, tuple)):
-            raise ValueError(f"{source}: \"{k}\" must be a list of numbers, got {type(v).__name__}")
-    D, A = validate_series(tokens, ratio, names=("token_passed", "activation_ratio"))
-    if D.max() < 1e5:
-        warnings.warn(
-            f"{source}: token_passed tops out at {D.max():g}; it should hold raw token counts "
-            "(it is divided by 1e9 to get billions). Is it already in billions?",
-            stacklevel=2,
-        )
-    return D / TOKENS_PER_UNIT, A
-
-
-def load_series_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Load one series JSON file; return ``(D in billions of tokens, activation ratio)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"series file {path} not found")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); expected {{\"token_passed\": [...], \"activation_ratio\": [...]}}") from None
-    return series_from_dict(obj, source=str(path))
+_TRANSFORMS = {
+    "identity": _Transform(lambda v, d0: v, lambda p, d0: p, lambda lo, hi, d0: (lo, hi), lambda v: 1.0),
+    "exp": _Transform(lambda v, d0: math.exp(v), lambda p, d0: math.log(p) if p > 0 else None,
+                      lambda lo, hi, d0: (math.exp(lo), math.exp(hi)), math.exp),
+    "exp_shift": _Transform(lambda v, d0: math.exp(v) - d0, lambda p, d0: math.log(p + d0) if p + d0 > 0 else None,
+                            lambda lo, hi, d0: (-d0, math.exp(hi) - d0), math.exp),
+}
 
 
 @dataclass(frozen=True)
-class ActivationSeries:
-    """One training run: activation ratio per checkpoint, ``D`` in billions of tokens."""
-
+class _Coord:
     name: str
-    activation: str
-    scale: str
-    D: np.ndarray
-    A: np.ndarray
-
-    @property
-    def law(self) -> str:
-        """The paper's law for this activation (Eq. 4 for ReLU, Eq. 5 for SiLU)."""
-        return POWER_LAW[self.activation]
-
-    def __len__(self) -> int:
-        return len(self.D)
-
-
-_SERIES_NAME = re.compile(r"^(\d+(?:\.\d+)?)b_(relu|silu)\.json$", re.IGNORECASE)
-
-
-def load_activation_series(directory: str | os.PathLike) -> list[ActivationSeries]:
-    """Load the paper's activation-vs-data points (``<scale>b_<act>.json`` files).
-
-    The authors' curve-fitting data (ten files, 0.1B-1.2B x ReLU/SiLU) are third-party
-    data: this reads them from wherever they are and never copies them. Token counts
-    are converted to billions. Series come back ordered ReLU then SiLU, small to large.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"activation-vs-data directory {directory} not found (cwd {Path.cwd()}); pass the folder "
-            "holding 0.1b_relu.json ... 1.2b_silu.json"
-        )
-    found = []
-    for path in directory.iterdir():
-        m = _SERIES_NAME.match(path.name)
-        if m:
-            D, A = load_series_file(path)
-            scale = f"{m.group(1)}B"
-            act = m.group(2).lower()
-            found.append((act != "relu", float(m.group(1)), ActivationSeries(f"{scale} {act}", act, scale, D, A)))
-    if not found:
-        raise ValueError(f"no <scale>b_<relu|silu>.json files in {directory}")
-    return [s for *_, s in sorted(found, key=lambda t: t[:2])]
-
-
-# ---------------------------------------------------------------------------
-# per-law fitting specification: internal parameters, bounds, linearised pre-fit
-# ---------------------------------------------------------------------------
-ALPHA_BOUNDS = (0.01, 5.0)
-
-
-@dataclass(frozen=True)
-class _Internal:
-    name: str
+    coefficient: str
     lo: float
     hi: float
-    public: str  # the public parameter it sets
-    log: bool = False  # public = exp(internal)
+    transform: _Transform
 
 
-def _internal_params(law: Law, D: np.ndarray) -> list[_Internal]:
-    inf = np.inf
-    if law.name == "relu":
-        return [
-            _Internal("alpha", *ALPHA_BOUNDS, "alpha"),
-            _Internal("log_c", -80.0, 20.0, "c", log=True),
-            _Internal("b", -100.0, 100.0, "b"),
-            _Internal("A0", 0.0, 1.0, "A0"),
-        ]
-    if law.name == "silu":
-        return [
-            _Internal("alpha", *ALPHA_BOUNDS, "alpha"),
-            _Internal("log_c", -30.0, 10.0, "c", log=True),
-            _Internal("A0", 0.0, 1.0, "A0"),
-        ]
-    if law.name == "log":
-        # b = s - D_min with s > 0 keeps a*D + b > 0 on the data (a is held at 1)
-        return [
-            _Internal("log_s", math.log(D.min()) - 25.0, math.log(D.max()) + 25.0, "b"),
-            _Internal("c", -inf, inf, "c"),
-            _Internal("A0", -inf, inf, "A0"),
-        ]
-    if law.name == "sigmoid":
-        return [_Internal("a", -inf, inf, "a"), _Internal("c", -inf, inf, "c"), _Internal("d", -inf, inf, "d")]
-    if law.name == "loss":
-        return [
-            _Internal("L0", 0.0, inf, "L0"),
-            _Internal("log_k", -30.0, 20.0, "k", log=True),
-            _Internal("beta", *ALPHA_BOUNDS, "beta"),
-        ]
-    raise ValueError(f"no fitting specification for law {law.name!r}")
+def _coords(law: Law, D: np.ndarray) -> list[_Coord]:
+    return [_Coord(c.name, c.coefficient, *map(float, c.box(D)), _TRANSFORMS[c.transform]) for c in law.coords]
 
 
 def _public_from_internal(law: Law, D: np.ndarray, v: Mapping[str, float]) -> dict[str, float]:
     out = dict(law.fixed)
-    for ip in _internal_params(law, D):
-        val = v[ip.name]
-        if ip.log:
-            val = math.exp(val)
-        elif law.name == "log" and ip.name == "log_s":
-            val = math.exp(val) - float(D.min())
-        out[ip.public] = float(val)
+    d0 = float(D.min())
+    for c in _coords(law, D):
+        out[c.coefficient] = float(c.transform.coefficient(v[c.name], d0))
     return {n: out[n] for n in law.param_names}
 
 
-def _internal_from_public(law: Law, D: np.ndarray, p: Mapping[str, float]) -> dict[str, float]:
-    out = {}
-    for ip in _internal_params(law, D):
-        val = p[ip.public]
-        if ip.log:
-            val = math.log(val) if val > 0 else ip.lo
-        elif law.name == "log" and ip.name == "log_s":
-            s = val + float(D.min())
-            val = math.log(s) if s > 0 else ip.lo
-        out[ip.name] = float(np.clip(val, ip.lo, ip.hi))
-    return out
+def _internal_value(c: _Coord, coefficient: float, D: np.ndarray) -> float:
+    val = c.transform.value(coefficient, float(D.min()))
+    return float(np.clip(c.lo if val is None else val, c.lo, c.hi))
 
 
-def _local_minima(sse: np.ndarray, k: int) -> list[tuple[int, ...]]:
-    """Indices of the ``k`` lowest local minima (8-neighbourhood) of a 1-D or 2-D grid."""
-    s = np.where(np.isfinite(sse), sse, np.inf)
-    pad = np.pad(s, 1, constant_values=np.inf)
-    is_min = np.ones(s.shape, bool)
-    offsets = [(-1,), (1,)] if s.ndim == 1 else [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)]
-    for off in offsets:
-        sl = tuple(slice(1 + o, 1 + o + n) for o, n in zip(off, s.shape))
-        is_min &= s <= pad[sl]
-    is_min &= np.isfinite(s)
-    idx = np.flatnonzero(is_min.ravel())
-    if idx.size == 0:
-        if not np.isfinite(s).any():
-            return []
-        idx = np.array([int(np.argmin(s))])
-    idx = idx[np.argsort(s.ravel()[idx], kind="stable")][:k]
-    return [np.unravel_index(i, s.shape) for i in idx]
-
-
-def _affine_ls(g: np.ndarray, y: np.ndarray):
-    """Least squares of ``y ~ u + v*g`` along the last axis, for every grid cell of ``g``."""
-    gm = g.mean(-1)
-    ym = y.mean()
-    gc = g - gm[..., None]
-    den = np.einsum("...i,...i->...", gc, gc)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.einsum("...i,i->...", gc, y - ym) / den
-    u = ym - v * gm
-    return u, v
-
-
-def _scale_ls(g: np.ndarray, r: np.ndarray):
-    """Least squares of ``r ~ v*g`` along the last axis."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.einsum("...i,...i->...", g, r) / np.einsum("...i,...i->...", g, g)
-
-
-def _sse(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", over="ignore"):
-        s = ((pred - y) ** 2).sum(-1)
-    return np.where(np.isfinite(s), s, np.inf)
-
-
-def _prefit(law: Law, D, y, fixed: Mapping[str, float], size: int, n_starts: int) -> list[dict]:
-    """Linearised pre-fit on a grid of the nonlinear coefficients; returns internal starts."""
-    lname = law.name
-    starts: list[dict] = []
-    with np.errstate(all="ignore"):
-        if lname == "relu":
-            # A = A0 + B*exp(-c D^alpha), B = exp(b): linear in (A0, B) for fixed (alpha, c);
-            # c is gridded through k = c * D_max^alpha, the exponent at the last checkpoint.
-            al = np.geomspace(*ALPHA_BOUNDS, size)[:, None]
-            kk = np.geomspace(1e-3, 1e2, size)[None, :]
-            c = kk / D.max() ** al
-            g = np.exp(-c[..., None] * D ** al[..., None])
-            if "A0" in fixed:
-                A0 = np.full(c.shape, fixed["A0"])
-            else:
-                A0, _ = _affine_ls(g, y)
-                A0 = np.clip(A0, 0.0, 1.0)
-            B = _scale_ls(g, y - A0[..., None])
-            sse = _sse(A0[..., None] + B[..., None] * g, y)
-            sse[~(B > math.exp(-100))] = np.inf
-            for i, j in _local_minima(sse, n_starts):
-                starts.append({"alpha": al[i, 0], "log_c": math.log(c[i, j]), "b": math.log(B[i, j]), "A0": A0[i, j]})
-        elif lname in ("silu", "loss"):
-            # silu: A = A0 - c D^-alpha ; loss: L = L0 + k D^-beta  (linear for fixed exponent)
-            lim, amp, ex = ("A0", "log_c", "alpha") if lname == "silu" else ("L0", "log_k", "beta")
-            sign = -1.0 if lname == "silu" else 1.0
-            al = np.geomspace(*ALPHA_BOUNDS, size * 4)
-            g = sign * D[None, :] ** (-al[:, None])
-            hi = 1.0 if lname == "silu" else np.inf
-            if lim in fixed:
-                L = np.full(al.shape, fixed[lim])
-            else:
-                L, _ = _affine_ls(g, y)
-                L = np.clip(L, 0.0, hi)
-            amp_v = _scale_ls(g, y - L[:, None])
-            sse = _sse(L[:, None] + amp_v[:, None] * g, y)
-            sse[~(amp_v > 0)] = np.inf
-            for (i,) in _local_minima(sse, n_starts):
-                starts.append({ex: al[i], amp: math.log(amp_v[i]), lim: L[i]})
-        elif lname == "log":
-            # A = A0 + c*log(D - D_min + s): linear in (A0, c) for fixed shift s
-            s = np.geomspace(D.min() * 1e-4, D.max() * 1e4, size * 4)
-            g = np.log(D[None, :] - D.min() + s[:, None])
-            A0, cc = _affine_ls(g, y)
-            sse = _sse(A0[:, None] + cc[:, None] * g, y)
-            for (i,) in _local_minima(sse, n_starts):
-                starts.append({"log_s": math.log(s[i]), "c": cc[i], "A0": A0[i]})
-        elif lname == "sigmoid":
-            # A = a - 1/(1 + exp(c*(D - m))): linear in a for fixed (c, m); d = -c*m
-            span = D.max() - D.min()
-            mag = np.geomspace(1e-2, 1e2, size // 2) / span
-            cg = np.concatenate([-mag[::-1], mag])[:, None]
-            m = np.linspace(D.min() - 2 * span, D.max() + span, size)[None, :]
-            g = 1.0 / (1.0 + np.exp(np.clip(cg[..., None] * (D - m[..., None]), -700, 700)))
-            a = (y + g).mean(-1)
-            sse = _sse(a[..., None] - g, y)
-            for i, j in _local_minima(sse, n_starts):
-                starts.append({"a": a[i, j], "c": cg[i, 0], "d": -cg[i, 0] * m[0, j]})
-        else:  # pragma: no cover - guarded by get_law
-            raise ValueError(lname)
-    specs = {ip.name: ip for ip in _internal_params(law, D)}
-    if not starts:
-        # no admissible grid point (the data run against the law, e.g. a rising series
-        # under Eq. 4): start from the flat curve; the amplitude then ends on its bound
-        flat = {"relu": {"alpha": 1.0, "log_c": 0.0, "b": specs["b"].lo if "b" in specs else 0.0},
-                "silu": {"alpha": 1.0, "log_c": specs["log_c"].lo if "log_c" in specs else 0.0},
-                "loss": {"beta": 1.0, "log_k": specs["log_k"].lo if "log_k" in specs else 0.0}}[lname]
-        lim = law.limit_name
-        starts.append({**flat, lim: float(fixed.get(lim, np.clip(y.mean(), specs[lim].lo, specs[lim].hi)))})
-    return [{k: float(np.clip(v, specs[k].lo, specs[k].hi)) for k, v in st.items()} for st in starts]
-
-
+# ---------------------------------------------------------------------------
+# the procedure: pre-fit starts, Levenberg-Marquardt polish, bound check
+# ---------------------------------------------------------------------------
 @dataclass
 class _Core:
     internal: dict
@@ -450,7 +136,7 @@ def _lm(law: Law, D, y, start: Mapping[str, float], hold: Mapping[str, float], m
     Values within 1e-7 of the width of their box are set onto the bound (the bounded LM
     transform only approaches a bound asymptotically).
     """
-    specs = _internal_params(law, D)
+    specs = _coords(law, D)
     params = lmfit.Parameters()
     for ip in specs:
         val = hold.get(ip.name, start[ip.name])
@@ -484,7 +170,7 @@ def _fit_core(
     max_nfev: int = 4000,
 ) -> _Core:
     hold = dict(hold or {})
-    starts = list(extra_starts) + _prefit(law, D, y, hold, grid, n_starts)
+    starts = list(extra_starts) + prefit_starts(law, D, y, hold, grid, n_starts)
     best: _Core | None = None
     for st in starts:
         st = {**st, **hold}
@@ -503,7 +189,7 @@ def _pin_bounds(law: Law, D, y, best: _Core, hold: dict, max_nfev: int) -> _Core
     """Pin parameters that sit near a bound to it; keep the pin if the fit is no worse."""
     for _ in range(3):
         changed = False
-        for ip in _internal_params(law, D):
+        for ip in _coords(law, D):
             if ip.name in hold or ip.name in best.pinned or not (np.isfinite(ip.lo) and np.isfinite(ip.hi)):
                 continue
             v = best.internal[ip.name]
@@ -554,11 +240,6 @@ def _jsonable(x):
     if isinstance(x, (float, np.floating)):
         return float(x) if np.isfinite(x) else None
     return x
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` (numpy values allowed, NaN as null) to ``path`` atomically."""
-    return atomic_write_json(path, _jsonable(obj), indent=2)
 
 
 @dataclass
@@ -613,16 +294,6 @@ class LawFit:
         """``dA/dD`` of the fitted law (per billion tokens)."""
         return self.spec.derivative(np.asarray(D, dtype=float), **self.params)
 
-    def residuals(self) -> np.ndarray:
-        return self.y - self.predict(self.D)
-
-    @property
-    def ci_contains_limit(self) -> bool | None:
-        if self.limit_ci is None or self.limit is None:
-            return None
-        lo, hi = self.limit_ci
-        return bool(lo <= self.limit <= hi)
-
     # -- output ---------------------------------------------------------------
     def to_dict(self, include_data: bool = False) -> dict:
         from . import __version__
@@ -666,7 +337,7 @@ class LawFit:
         return _jsonable(d)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "LawFit":
+    def from_dict(cls, d: Mapping) -> LawFit:
         data = d.get("data") or {}
         return cls(
             law=d["law"],
@@ -699,10 +370,10 @@ class LawFit:
 
     def save(self, path: str | os.PathLike, include_data: bool = False) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
-        return write_json_atomic(self.to_dict(include_data), path)
+        return atomic_write_json(path, self.to_dict(include_data))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LawFit":
+    def load(cls, path: str | os.PathLike) -> LawFit:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
@@ -764,7 +435,7 @@ def _bootstrap(law: Law, D, y, core: _Core, n_boot: int, seed: int, method: str,
     fitted = law.func(D, **core.public)
     resid = y - fitted
     r = (resid - resid.mean()) * math.sqrt(n / max(n - p, 1))
-    block = max(2, int(round(n ** (1 / 3))))
+    block = max(2, round(n ** (1 / 3)))
     names = list(law.param_names)
     samples, failed = [], 0
     for _ in range(n_boot):
@@ -772,7 +443,7 @@ def _bootstrap(law: Law, D, y, core: _Core, n_boot: int, seed: int, method: str,
         if method == "residual":
             yb = fitted + r[rng.integers(0, n, n)]
         elif method == "block":
-            starts = rng.integers(0, n - block + 1, int(math.ceil(n / block)))
+            starts = rng.integers(0, n - block + 1, math.ceil(n / block))
             yb = fitted + r[(starts[:, None] + np.arange(block)).ravel()[:n]]
         else:  # pairs
             idx = np.sort(rng.integers(0, n, n))
@@ -803,7 +474,7 @@ def _bootstrap(law: Law, D, y, core: _Core, n_boot: int, seed: int, method: str,
         lim_ci = tuple(float(v) for v in np.quantile(col, q)) if len(col) >= 2 else None
     else:
         lim_ci = None
-    info = {"method": method, "n": n_boot, "n_ok": int(len(samples)), "n_failed": failed, "seed": seed}
+    info = {"method": method, "n": n_boot, "n_ok": len(samples), "n_failed": failed, "seed": seed}
     if method == "block":
         info["block_length"] = block
     return cis, lim_ci, info, samples
@@ -836,22 +507,25 @@ def fit_law(
     """
     spec = get_law(law)
     hold = dict(hold or {})
-    unknown = set(hold) - set(spec.param_names)
+    unknown = set(hold) - set(spec.free_names)
     if unknown:
-        raise ValueError(f"cannot hold {sorted(unknown)}: law {spec.name} has parameters {spec.param_names}")
+        raise ValueError(f"cannot hold {sorted(unknown)}: law {spec.name} fits {spec.free_names}"
+                         + (f" (and holds {dict(spec.fixed)} already)" if spec.fixed else ""))
     n_free = spec.n_free - len(hold)
-    D, A = validate_series(D, A, n_free=n_free, ratio=(spec.name != "loss") if ratio is None else ratio)
+    D, A = validate_series(D, A, ratio=spec.ratio if ratio is None else ratio)
+    check_enough_points(len(D), spec, len(hold))
     if n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+        raise ValueError(f"n_bootstrap must be >= 0 (0 skips the bootstrap), got {n_bootstrap}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    ips = _internal_params(spec, D)
+    ips = _coords(spec, D)
     hold_int = {}
     for name, val in hold.items():
-        ip = next(i for i in ips if i.public == name)
-        hold_int[ip.name] = _internal_from_public(spec, D, {**{p: 1.0 for p in spec.param_names}, name: val})[ip.name]
-        if not ip.lo <= hold_int[ip.name] <= ip.hi:
-            raise ValueError(f"{name} = {val} is outside the admissible range [{ip.lo}, {ip.hi}]")
+        ip = next(i for i in ips if i.coefficient == name)
+        lo, hi = ip.transform.bounds(ip.lo, ip.hi, float(D.min()))
+        if not lo <= val <= hi:
+            raise ValueError(f"{name} = {val} is outside its admissible range [{lo:g}, {hi:g}] for law {spec.name}")
+        hold_int[ip.name] = _internal_value(ip, val, D)
     core = _fit_core(spec, D, A, hold=hold_int, n_starts=n_starts)
     res = core.result
     stats = _stats(A - spec.func(D, **core.public), n_free)
@@ -862,18 +536,9 @@ def fit_law(
         se = res.params[ip.name].stderr
         if se is None or not np.isfinite(se):
             continue
-        if ip.log or (spec.name == "log" and ip.name == "log_s"):
-            se = math.exp(core.internal[ip.name]) * se
-        stderr[ip.public] = float(se)
-    bounds = {}
-    for ip in ips:
-        lo, hi = ip.lo, ip.hi
-        if ip.log:
-            lo, hi = math.exp(lo), math.exp(hi)
-        elif spec.name == "log" and ip.name == "log_s":
-            lo, hi = -float(D.min()), math.exp(hi) - float(D.min())
-        bounds[ip.public] = (float(lo), float(hi))
-    at_bound = [next(i.public for i in ips if i.name == nm) for nm in core.pinned]
+        stderr[ip.coefficient] = float(ip.transform.slope(core.internal[ip.name]) * se)
+    bounds = {ip.coefficient: tuple(map(float, ip.transform.bounds(ip.lo, ip.hi, float(D.min())))) for ip in ips}
+    at_bound = [next(i.coefficient for i in ips if i.name == nm) for nm in core.pinned]
     limit = spec.limit(core.public)
     fit = LawFit(
         law=spec.name,
@@ -924,11 +589,20 @@ def fit_series_file(
     seed: int = 0,
     bootstrap: str = "residual",
 ) -> LawFit:
-    """``sparsing fit``: fit a series JSON (raw token counts) and optionally write ``fit.json``."""
-    get_law(law)
-    if law == "loss":
-        raise ValueError("the series file holds activation ratios; use law relu, silu, log or sigmoid")
+    """``sparsing fit``: fit a series JSON (raw token counts) and optionally write ``fit.json``.
+
+    Every check (law, options, the series and its length) runs before the fit."""
+    spec = get_law(law)
+    if not spec.ratio:
+        usable = ", ".join(n for n, lw in LAWS.items() if lw.ratio)
+        raise ValueError(f"a series file holds activation ratios, which law {spec.name} does not model; use {usable}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0 (0 skips the bootstrap), got {n_bootstrap}")
     D, A = load_series_file(path)
+    try:
+        check_enough_points(len(D), spec)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     fit = fit_law(D, A, law, n_bootstrap=n_bootstrap, seed=seed, bootstrap=bootstrap)
     if out is not None:
         fit.save(out)
@@ -979,7 +653,7 @@ def mse_profile(
         lo, hi = min(pts), max(pts)
         pad = max(hi - lo, 0.02 * abs(fit.params[lim]), 1e-4)
         lo_b, hi_b = fit.bounds[lim]
-        if spec.name == "relu":  # A0 below every observed point, else the curve cannot pass them
+        if spec.above_limit:  # the curve lies above its limit: a limit above the lowest point cannot pass it
             hi_b = min(hi_b, float(np.min(A)))
         values = np.linspace(max(lo - pad, lo_b), min(hi + pad, hi_b), n)
         values = np.unique(np.append(values, fit.params[lim]))  # the free optimum itself
@@ -999,7 +673,7 @@ def profile_interval(profile, n_points: int, level: float = 0.95, column: str | 
     the profiled grid is reported as that edge (the interval may be wider)."""
     from scipy.stats import chi2
 
-    col = column or [c for c in profile.columns if c != "mse"][0]
+    col = column or next(c for c in profile.columns if c != "mse")
     x = profile[col].to_numpy(float)
     m = profile["mse"].to_numpy(float)
     ok = np.isfinite(m)
@@ -1021,392 +695,6 @@ def profile_interval(profile, n_points: int, level: float = 0.95, column: str | 
     return float(low), float(high)
 
 
-# ---------------------------------------------------------------------------
-# tables over many series
-# ---------------------------------------------------------------------------
-def fits_to_frame(fits: Mapping[str, LawFit]):
-    """One row per fit: coefficients, stderr, limit interval, goodness of fit, bound flags."""
-    import pandas as pd
-
-    rows = []
-    for name, f in fits.items():
-        row = {"series": name, "law": f.law, "n_points": f.n_points}
-        for p in ("alpha", "b", "c", "A0", "a", "d", "L0", "k", "beta"):
-            if p in f.params:
-                row[p] = f.params[p]
-                row[f"{p}_stderr"] = f.stderr.get(p)
-        if f.limit_name:
-            lo, hi = f.limit_ci or (np.nan, np.nan)
-            row.update({f"{f.limit_name}_lo": lo, f"{f.limit_name}_hi": hi})
-        row.update({"mse": f.mse, "mae": f.mae, "aic": f.aic, "bic": f.bic, "at_bound": ", ".join(f.at_bound)})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def series_overview(series: Sequence[ActivationSeries]):
-    """One row per series: number of checkpoints, token range (billions), first and last ratio."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        [
-            {
-                "series": s.name,
-                "activation": s.activation,
-                "scale": s.scale,
-                "law": f"{s.law} ({get_law(s.law).reference})",
-                "n_points": len(s),
-                "D_min": float(s.D.min()),
-                "D_max": float(s.D.max()),
-                "A_first": float(s.A[0]),
-                "A_last": float(s.A[-1]),
-            }
-            for s in series
-        ]
-    )
-
-
-def derivative_table(series: Sequence[ActivationSeries], fits: Mapping[str, LawFit], n_params=None, num: int = 200):
-    """Fig. 8 for many series: :func:`derivative_vs_data_ratio` stacked, with series columns.
-
-    ``n_params`` maps scale to non-embedding parameters (default: Table 3 of the paper).
-    """
-    import pandas as pd
-
-    N = n_params or non_embedding_params()
-    frames = []
-    for s in series:
-        if s.scale not in N:
-            raise ValueError(f"no parameter count for scale {s.scale}; pass n_params={{'{s.scale}': N}}")
-        df = derivative_vs_data_ratio(fits[s.name], N[s.scale], num=num)
-        frames.append(df.assign(series=s.name, activation=s.activation, scale=s.scale, n_params=N[s.scale]))
-    return pd.concat(frames, ignore_index=True)
-
-
-def derivative_at_ratios(table, ratios: Sequence[float] = (10, 30, 100, 200), column: str = "dA_dratio"):
-    """Read Fig. 8 at fixed data-to-parameter ratios: rows series, columns ``D/N``.
-
-    ``table`` comes from :func:`derivative_table`; values are interpolated in ``log(D/N)``;
-    ratios outside a series' checkpoint range are left empty (no extrapolation).
-    """
-    import pandas as pd
-
-    rows = []
-    for name, g in table.groupby("series", sort=False):
-        x = np.log(g["data_ratio"].to_numpy(float))
-        y = g[column].to_numpy(float)
-        row = {"series": name}
-        for r in ratios:
-            lr = math.log(r)
-            row[f"D/N={r:g}"] = float(np.interp(lr, x, y)) if x.min() <= lr <= x.max() else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("series")
-
-
 def save_fits(fits: Mapping[str, LawFit], path: str | os.PathLike, extra: Mapping | None = None) -> Path:
     """Write several fits as one JSON object ``{"fits": {name: fit.to_dict()}, ...}`` (atomic)."""
-    return write_json_atomic({"fits": {k: f.to_dict() for k, f in fits.items()}, **(extra or {})}, path)
-
-
-def compare_with_published(series: Sequence[ActivationSeries], fits: Mapping[str, LawFit], data_dir=None):
-    """Our coefficients beside Table 2 of the paper, each MSE next to the published one's MSE.
-
-    ``A0_pub_in_ci`` says whether the published ``A0`` lies in our bootstrap interval.
-    """
-    import pandas as pd
-
-    pub = published_coefficients(data_dir)
-    rows = []
-    for s in series:
-        f = fits[s.name]
-        p = pub.get((s.activation, s.scale))
-        row = {"activation": s.activation, "scale": s.scale, "n_points": len(s)}
-        for k in ("alpha", "b", "c", "A0"):
-            row[k] = f.params.get(k, np.nan)
-        lo, hi = f.limit_ci or (np.nan, np.nan)
-        row.update({"A0_lo": lo, "A0_hi": hi, "mse": f.mse})
-        if p is not None:
-            ev = evaluate_params(s.D, s.A, f.law, p)
-            row["mse_published"] = ev["mse"]
-            row["mse_ratio"] = f.mse / ev["mse"]
-            for k in ("alpha", "b", "c", "A0"):
-                row[f"{k}_pub"] = p.get(k, np.nan)
-            row["A0_pub_in_ci"] = bool(lo <= p["A0"] <= hi) if np.isfinite(lo) else None
-        row["at_bound"] = ", ".join(f.at_bound)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def compare_laws(
-    series: Sequence[ActivationSeries],
-    laws: Sequence[str] = ("power", "log", "sigmoid"),
-    fits: Mapping[str, LawFit] | None = None,
-):
-    """Model comparison (section 2): every law on every series by MSE, MAE, AIC and BIC.
-
-    ``"power"`` means the paper's law for the series (Eq. 4 for ReLU, Eq. 5 for SiLU);
-    pass ``fits`` to reuse power-law fits already made. ``n_free`` is the number of
-    identifiable coefficients (4 for Eq. 4, 3 for Eq. 5 and for the two alternatives).
-    """
-    import pandas as pd
-
-    rows = []
-    for s in series:
-        for lw in laws:
-            real = s.law if lw == "power" else lw
-            f = fits[s.name] if (fits and lw == "power" and s.name in fits) else fit_law(s.D, s.A, real, n_bootstrap=0)
-            rows.append(
-                {
-                    "series": s.name,
-                    "activation": s.activation,
-                    "scale": s.scale,
-                    "law": "power" if lw == "power" else lw,
-                    "equation": f.spec.reference,
-                    "n_free": f.n_free,
-                    "mse": f.mse,
-                    "mae": f.mae,
-                    "aic": f.aic,
-                    "bic": f.bic,
-                    "at_bound": ", ".join(f.at_bound),
-                }
-            )
-    df = pd.DataFrame(rows)
-    df["best_aic"] = df.groupby("series")["aic"].transform("min") == df["aic"]
-    return df
-
-
-def limit_disagreements(
-    series: Sequence[ActivationSeries],
-    fits: Mapping[str, LawFit],
-    table=None,
-    *,
-    n: int = 31,
-    data_dir=None,
-):
-    """Where the published ``A0`` falls outside our bootstrap interval, show why.
-
-    For each such series: the MSE profile in ``A0`` (:func:`mse_profile`, spanning both
-    values), the MSE with ``A0`` held at the published value and every other coefficient
-    refitted, and the likelihood-ratio interval of the profile. Returns
-    ``(summary DataFrame, {series name: profile DataFrame})``.
-    """
-    import pandas as pd
-
-    table = compare_with_published(series, fits, data_dir) if table is None else table
-    by_name = {s.name: s for s in series}
-    rows, profiles = [], {}
-    for r in table.itertuples(index=False):
-        name = f"{r.scale} {r.activation}"
-        if r.A0_pub_in_ci is None or bool(r.A0_pub_in_ci):
-            continue
-        s, f = by_name[name], fits[name]
-        prof = mse_profile(s.D, s.A, f.law, fit=f, include=[r.A0_pub], n=n)
-        at_pub = fit_law(s.D, s.A, f.law, n_bootstrap=0, hold={"A0": float(r.A0_pub)})
-        lr = profile_interval(prof, len(s))
-        profiles[name] = prof
-        rows.append(
-            {
-                "series": name,
-                "A0": f.params["A0"],
-                "A0_lo": r.A0_lo,
-                "A0_hi": r.A0_hi,
-                "A0_pub": r.A0_pub,
-                "profile_lo": lr[0],
-                "profile_hi": lr[1],
-                "mse_fit": f.mse,
-                "mse_refit_at_A0_pub": at_pub.mse,
-                "mse_published": r.mse_published,
-                "mse_increase_at_A0_pub": at_pub.mse / f.mse - 1.0,
-                "at_bound": ", ".join(f.at_bound),
-            }
-        )
-    return pd.DataFrame(rows), profiles
-
-
-def limit_vs_first_checkpoints(series: Sequence[ActivationSeries], drops: Sequence[int] = (0, 1, 2, 3)):
-    """Sensitivity of the fitted limit to the earliest checkpoints: refit without the first
-    ``k`` checkpoints for each ``k`` in ``drops``; one row per series, ``A0`` per ``k``."""
-    import pandas as pd
-
-    rows = []
-    for s in series:
-        row = {"series": s.name}
-        for k in drops:
-            f = fit_law(s.D[k:], s.A[k:], s.law, n_bootstrap=0)
-            row[f"A0_drop{k}"] = f.params["A0"]
-            if f.at_bound:
-                row[f"at_bound_drop{k}"] = ", ".join(f.at_bound)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------
-# forecasting
-# ---------------------------------------------------------------------------
-def forecast(
-    D,
-    A,
-    law: str | Law = "relu",
-    train_fraction: float = 0.5,
-    *,
-    n_bootstrap: int = 0,
-    seed: int = 0,
-    full_fit: LawFit | None = None,
-) -> dict:
-    """Fit on the first ``train_fraction`` of the checkpoints and predict the rest.
-
-    Returns the split, the errors on the held-out checkpoints (RMSE, MAE, max |error|,
-    mean |relative error|, error at the last checkpoint) and the limit from the partial
-    fit next to the one from all checkpoints (``full_fit`` reuses a fit already made).
-    The partial fit itself is under ``"fit"``.
-    """
-    spec = get_law(law)
-    D, A = validate_series(D, A, n_free=spec.n_free, ratio=spec.name != "loss")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    n = len(D)
-    n_train = max(spec.n_free + 1, int(math.ceil(train_fraction * n)))
-    if n_train >= n:
-        raise ValueError(
-            f"train_fraction {train_fraction} leaves no checkpoint to predict "
-            f"({n} points, at least {spec.n_free + 1} needed to fit); lower it or give more checkpoints"
-        )
-    part = fit_law(D[:n_train], A[:n_train], spec, n_bootstrap=n_bootstrap, seed=seed)
-    full = full_fit or fit_law(D, A, spec, n_bootstrap=0)
-    pred = part.predict(D[n_train:])
-    err = pred - A[n_train:]
-    return {
-        "law": spec.name,
-        "train_fraction": train_fraction,
-        "n_train": n_train,
-        "n_test": n - n_train,
-        "D_train_max": float(D[n_train - 1]),
-        "D_max": float(D[-1]),
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "mae": float(np.mean(np.abs(err))),
-        "max_abs_error": float(np.max(np.abs(err))),
-        "mean_rel_error": float(np.mean(np.abs(err) / np.abs(A[n_train:]))),
-        "last_error": float(err[-1]),
-        "limit_partial": part.limit,
-        "limit_full": full.limit,
-        "limit_partial_ci": part.limit_ci,
-        "at_bound": ", ".join(part.at_bound),
-        "fit": part,
-    }
-
-
-def forecast_table(
-    series: Sequence[ActivationSeries],
-    fractions: Sequence[float] = (0.25, 0.5, 0.75),
-    law: str | None = None,
-):
-    """:func:`forecast` for every series and training fraction, as a DataFrame."""
-    import pandas as pd
-
-    rows = []
-    for s in series:
-        full = fit_law(s.D, s.A, law or s.law, n_bootstrap=0)
-        for fr in fractions:
-            r = forecast(s.D, s.A, law or s.law, fr, full_fit=full)
-            r.pop("fit")
-            r.pop("limit_partial_ci")
-            rows.append({"series": s.name, "activation": s.activation, "scale": s.scale, **r})
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------
-# derived quantities: Fig. 8, Fig. 5, Fig. 12
-# ---------------------------------------------------------------------------
-def derivative_vs_data_ratio(fit: LawFit, n_params: float, D=None, num: int = 200):
-    """Fig. 8: the slope of the activation-data curve against the data-to-parameter ratio ``D/N``.
-
-    ``N`` is the non-embedding parameter count (Table 3, :func:`~sparsing_utils.laws.non_embedding_params`);
-    ``D/N`` is tokens per parameter. Columns: ``D`` (billions of tokens), ``data_ratio`` (``D/N``),
-    ``dA_dD`` (per billion tokens) and ``dA_dratio`` = ``dA/d(D/N)`` = ``dA_dD * N / 1e9``, the
-    slope of the curve drawn against ``D/N`` (what Fig. 8 compares across scales).
-    ``D`` defaults to the fitted checkpoint range.
-    """
-    import pandas as pd
-
-    if not n_params > 0:
-        raise ValueError(f"n_params must be a positive parameter count, got {n_params}")
-    if D is None:
-        if fit.D is None:
-            raise ValueError("the fit carries no data range; pass D (billions of tokens)")
-        D = np.geomspace(fit.D.min(), fit.D.max(), num)
-    D = np.asarray(D, dtype=float)
-    dA_dD = fit.derivative(D)
-    return pd.DataFrame(
-        {
-            "D": D,
-            "data_ratio": D * TOKENS_PER_UNIT / n_params,
-            "dA_dD": dA_dD,
-            "dA_dratio": dA_dD * n_params / TOKENS_PER_UNIT,
-        }
-    )
-
-
-def fit_limit_loss(D, L, *, n_bootstrap: int = 200, seed: int = 0, bootstrap: str = "residual") -> LawFit:
-    """Fig. 12: fit ``L(D) = L0 + k*D**(-beta)`` to a training-loss curve; ``L0`` is the limit loss."""
-    return fit_law(D, L, "loss", n_bootstrap=n_bootstrap, seed=seed, bootstrap=bootstrap, ratio=False)
-
-
-@dataclass
-class BottleneckFit:
-    """Fig. 5: ``y = plateau + slope*(min(x, x_b) - x_b)``; ``x_b`` is the bottleneck."""
-
-    slope: float
-    x_b: float
-    plateau: float
-    stderr: dict[str, float | None]
-    mse: float
-    at_bound: list[str]
-    x: np.ndarray = field(repr=False)
-    y: np.ndarray = field(repr=False)
-
-    def predict(self, x) -> np.ndarray:
-        return bottleneck_law(x, self.slope, self.x_b, self.plateau)
-
-    @property
-    def params(self) -> dict[str, float]:
-        return {"slope": self.slope, "x_b": self.x_b, "plateau": self.plateau}
-
-
-def fit_bottleneck(x, y) -> BottleneckFit:
-    """Fig. 5: fit "linear up to a bottleneck, flat beyond" to (width-depth ratio, limit A0).
-
-    A scan over the bottleneck position with exact least squares for slope and plateau,
-    then a Levenberg-Marquardt polish. ``at_bound`` holds ``x_b`` when the bottleneck
-    sits at the end of the data (no plateau, or no rise, was seen).
-    """
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D lists of one length, got shapes {x.shape} and {y.shape}")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("x and y contain NaN or inf; drop those models")
-    if len(np.unique(x)) < 4:
-        raise ValueError(f"the bottleneck fit needs at least 4 distinct x values, got {len(np.unique(x))}")
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    grid = np.linspace(x.min(), x.max(), 400)
-    g = np.minimum(x[None, :], grid[:, None]) - grid[:, None]
-    u, v = _affine_ls(g, y)
-    sse = _sse(u[:, None] + v[:, None] * g, y)
-    i = int(np.argmin(sse))
-    params = lmfit.Parameters()
-    params.add("slope", value=float(v[i]) if np.isfinite(v[i]) else 0.0)
-    params.add("x_b", value=float(grid[i]), min=float(x.min()), max=float(x.max()))
-    params.add("plateau", value=float(u[i]) if np.isfinite(u[i]) else float(y.mean()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = lmfit.minimize(lambda p: bottleneck_law(x, p["slope"].value, p["x_b"].value, p["plateau"].value) - y, params)
-    vals = {k: float(res.params[k].value) for k in ("slope", "x_b", "plateau")}
-    if np.sum(res.residual**2) > sse[i]:  # keep the scan's optimum if the polish did not help
-        vals = {"slope": float(v[i]), "x_b": float(grid[i]), "plateau": float(u[i])}
-    pred = bottleneck_law(x, **vals)
-    span = x.max() - x.min()
-    at_bound = ["x_b"] if min(abs(vals["x_b"] - x.min()), abs(vals["x_b"] - x.max())) <= 1e-3 * span else []
-    stderr = {k: (None if res.params[k].stderr is None or at_bound and k == "x_b" else float(res.params[k].stderr)) for k in vals}
-    return BottleneckFit(
-        vals["slope"], vals["x_b"], vals["plateau"], stderr, float(np.mean((pred - y) ** 2)), at_bound, x, y
-    )
+    return atomic_write_json(path, _jsonable({"fits": {k: f.to_dict() for k, f in fits.items()}, **(extra or {})}))

@@ -11,33 +11,38 @@ training tokens in **billions**; ``A`` is the PPL-1% activation ratio.
 - :func:`loss_law`    limit of the training loss, ``L0 + k * D**-beta`` (Fig. 12)
 - :func:`bottleneck_law` "linear up to a bottleneck, flat beyond" (Fig. 5)
 
-This module only holds formulas (values, derivatives, limits) and the loaders for
-the paper's tables in ``data/``; the fitting procedure lives in
-:mod:`sparsing_utils.fitting`.
+Everything that differs between laws is one entry of :data:`LAWS`: the formula, its
+derivative and limit, and how the fitting procedure sees it (the coordinates it moves, their
+boxes, and the linearised pre-fit grid). The procedure itself lives in
+:mod:`sparsing_utils.fitting`; this module also loads the paper's tables in ``data/``.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
 __all__ = [
-    "relu_law",
-    "silu_law",
-    "log_law",
-    "sigmoid_law",
-    "loss_law",
-    "bottleneck_law",
-    "Law",
-    "LAWS",
-    "get_law",
-    "POWER_LAW",
+    "ALPHA_BOUNDS",
     "DATA_DIR",
-    "read_paper_table",
-    "published_coefficients",
+    "LAWS",
+    "Coord",
+    "Law",
+    "Prefit",
+    "bottleneck_law",
+    "get_law",
+    "law_for_activation",
+    "log_law",
+    "loss_law",
     "non_embedding_params",
+    "published_coefficients",
+    "read_paper_table",
+    "relu_law",
+    "sigmoid_law",
+    "silu_law",
 ]
 
 PAPER = "Luo et al. 2024, arXiv 2411.02335"
@@ -133,14 +138,98 @@ def _log_limit(p):
     return float("inf") * np.sign(p["c"]) if p["c"] != 0 else p["A0"]
 
 
+# ---------------------------------------------------------------------------
+# how the fitting procedure sees a law (sparsing_utils.fitting, sparsing_utils.prefit)
+# ---------------------------------------------------------------------------
+ALPHA_BOUNDS = (0.01, 5.0)  # box of every power-law exponent (alpha of Eqs. 4/5, beta of the loss law)
+
+
+@dataclass(frozen=True)
+class Coord:
+    """One coordinate the optimiser moves, and the law coefficient it sets.
+
+    ``transform`` says how: ``"identity"``; ``"exp"`` (coefficient = exp(value): keeps ``c`` of
+    Eqs. 4/5 positive and lets it span orders of magnitude, it is fitted as ``log c``);
+    ``"exp_shift"`` (coefficient = exp(value) - min(D): keeps ``D + b > 0`` on the data).
+    ``bounds`` is the box of the value, or a function of the series' ``D`` returning it.
+    """
+
+    name: str
+    coefficient: str
+    bounds: tuple[float, float] | Callable[[np.ndarray], tuple[float, float]] = (-np.inf, np.inf)
+    transform: str = "identity"
+
+    def box(self, D: np.ndarray) -> tuple[float, float]:
+        return self.bounds(D) if callable(self.bounds) else self.bounds
+
+
+@dataclass(frozen=True)
+class Prefit:
+    """The linearised pre-fit of a law (:mod:`sparsing_utils.prefit`): the law written as
+    ``y = u + v * g(D; theta)``, linear in the offset ``u`` and the slope ``v`` for fixed ``theta``.
+
+    - ``grid(D, size)`` returns ``(theta, g)``: the nonlinear coefficients on a grid (arrays that
+      broadcast to the grid's shape) and ``g`` with shape ``[*grid, len(D)]``;
+    - ``start(theta, u, v)`` turns one grid point into a start, in the law's :class:`Coord` names;
+    - ``offset`` is the coordinate ``u`` stands for; when its box is bounded, ``u`` is clipped into
+      it (or held at a value) and ``v`` refitted; otherwise both come from one affine least squares;
+    - ``slope``: ``v`` is this constant instead of fitted; ``min_slope``: points with ``v <= min_slope``
+      are not admissible;
+    - ``flat``: the start when no grid point is admissible (data running against the law), the
+      offset added at its held value or the clipped mean of the data.
+    """
+
+    grid: Callable[[np.ndarray, int], tuple[dict[str, np.ndarray], np.ndarray]]
+    start: Callable[[Mapping[str, float], float, float], dict[str, float]]
+    offset: str
+    slope: float | None = None
+    min_slope: float | None = None
+    flat: Mapping[str, float] | None = None
+
+
+# Eq. 4: A = A0 + B*exp(-c D^alpha), B = exp(b): linear in (A0, B) for fixed (alpha, c); c is gridded
+# through k = c * D_max^alpha, the exponent at the last checkpoint
+def _relu_grid(D, size):
+    alpha = np.geomspace(*ALPHA_BOUNDS, size)[:, None]
+    c = np.geomspace(1e-3, 1e2, size)[None, :] / D.max() ** alpha
+    return {"alpha": alpha, "c": c}, np.exp(-c[..., None] * D ** alpha[..., None])
+
+
+# Eq. 5: A = A0 - c D^-alpha, and the loss law L = L0 + k D^-beta: linear for a fixed exponent
+def _power_grid(sign):
+    def grid(D, size):
+        exponent = np.geomspace(*ALPHA_BOUNDS, size * 4)
+        return {"exponent": exponent}, sign * D[None, :] ** (-exponent[:, None])
+
+    return grid
+
+
+# logarithmic: A = A0 + c*log(D - D_min + s), linear in (A0, c) for a fixed shift s = b + D_min
+def _log_grid(D, size):
+    s = np.geomspace(D.min() * 1e-4, D.max() * 1e4, size * 4)
+    return {"s": s}, np.log(D[None, :] - D.min() + s[:, None])
+
+
+# sigmoid-like: A = a - 1/(1 + exp(c*(D - m))), linear in a for fixed (c, m); d = -c*m
+def _sigmoid_grid(D, size):
+    span = D.max() - D.min()
+    mag = np.geomspace(1e-2, 1e2, size // 2) / span
+    c = np.concatenate([-mag[::-1], mag])[:, None]
+    m = np.linspace(D.min() - 2 * span, D.max() + span, size)[None, :]
+    return {"c": c, "m": m}, 1.0 / (1.0 + np.exp(np.clip(c[..., None] * (D - m[..., None]), -700, 700)))
+
+
 @dataclass(frozen=True)
 class Law:
-    """One law: its formula, parameter names, derivative in D and limit at D -> infinity.
+    """One law: its formula, derivative in D and limit at D -> infinity, and how it is fitted.
 
-    ``fixed`` lists coefficients that are held constant when fitting because they
-    are not identifiable (see :func:`log_law`, :func:`sigmoid_law`).
-    ``limit_name`` is the parameter that *is* the limit, when there is one
-    (``A0`` for Eqs. 4 and 5, ``L0`` for the loss law).
+    ``fixed`` lists coefficients held constant when fitting because they are not identifiable
+    (see :func:`log_law`, :func:`sigmoid_law`). ``limit_name`` is the parameter that *is* the
+    limit, when there is one (``A0`` for Eqs. 4 and 5, ``L0`` for the loss law). ``coords`` and
+    ``prefit`` are the fitting procedure's view (:class:`Coord`, :class:`Prefit`); ``activation``
+    names the models the paper fits with this law; ``ratio`` says the data are activation ratios
+    in [0, 1]; ``above_limit`` that every point of the curve lies above its limit (so a profile
+    of the limit stops at the lowest observation). A new law is one entry of :data:`LAWS`.
     """
 
     name: str
@@ -151,8 +240,13 @@ class Law:
     func: Callable
     derivative: Callable
     limit: Callable[[Mapping[str, float]], float]
+    coords: tuple[Coord, ...]
+    prefit: Prefit
     limit_name: str | None = None
     fixed: Mapping[str, float] = field(default_factory=dict)
+    activation: str | None = None
+    ratio: bool = True
+    above_limit: bool = False
 
     @property
     def free_names(self) -> tuple[str, ...]:
@@ -168,66 +262,113 @@ class Law:
 
 LAWS: dict[str, Law] = {
     "relu": Law(
-        "relu",
-        "convergent decreasing logspace power law",
-        "Eq. 4",
-        "A(D) = exp(-c * D^alpha + b) + A0",
-        ("alpha", "b", "c", "A0"),
-        relu_law,
-        _relu_dD,
-        lambda p: p["A0"],
-        "A0",
+        name="relu",
+        title="convergent decreasing logspace power law",
+        reference="Eq. 4",
+        formula="A(D) = exp(-c * D^alpha + b) + A0",
+        param_names=("alpha", "b", "c", "A0"),
+        func=relu_law,
+        derivative=_relu_dD,
+        limit=lambda p: p["A0"],
+        limit_name="A0",
+        activation="relu",
+        above_limit=True,
+        coords=(
+            Coord("alpha", "alpha", ALPHA_BOUNDS),
+            Coord("log_c", "c", (-80.0, 20.0), "exp"),
+            Coord("b", "b", (-100.0, 100.0)),
+            Coord("A0", "A0", (0.0, 1.0)),
+        ),
+        prefit=Prefit(
+            _relu_grid,
+            lambda t, u, v: {"alpha": t["alpha"], "log_c": math.log(t["c"]), "b": math.log(v), "A0": u},
+            offset="A0",
+            min_slope=math.exp(-100),
+            flat={"alpha": 1.0, "log_c": 0.0, "b": -100.0},  # amplitude exp(b) on its lower bound
+        ),
     ),
     "silu": Law(
-        "silu",
-        "convergent increasing power law",
-        "Eq. 5",
-        "A(D) = -c * D^(-alpha) + A0",
-        ("alpha", "c", "A0"),
-        silu_law,
-        _silu_dD,
-        lambda p: p["A0"],
-        "A0",
+        name="silu",
+        title="convergent increasing power law",
+        reference="Eq. 5",
+        formula="A(D) = -c * D^(-alpha) + A0",
+        param_names=("alpha", "c", "A0"),
+        func=silu_law,
+        derivative=_silu_dD,
+        limit=lambda p: p["A0"],
+        limit_name="A0",
+        activation="silu",
+        coords=(
+            Coord("alpha", "alpha", ALPHA_BOUNDS),
+            Coord("log_c", "c", (-30.0, 10.0), "exp"),
+            Coord("A0", "A0", (0.0, 1.0)),
+        ),
+        prefit=Prefit(
+            _power_grid(-1.0),
+            lambda t, u, v: {"alpha": t["exponent"], "log_c": math.log(v), "A0": u},
+            offset="A0",
+            min_slope=0.0,
+            flat={"alpha": 1.0, "log_c": -30.0},
+        ),
     ),
     "log": Law(
-        "log",
-        "logarithmic",
-        "section 2 (alternative)",
-        "A(D) = A0 + c * log(a*D + b)   [a held at 1]",
-        ("a", "b", "c", "A0"),
-        log_law,
-        _log_dD,
-        _log_limit,
-        None,
-        {"a": 1.0},
+        name="log",
+        title="logarithmic",
+        reference="section 2 (alternative)",
+        formula="A(D) = A0 + c * log(a*D + b)   [a held at 1]",
+        param_names=("a", "b", "c", "A0"),
+        func=log_law,
+        derivative=_log_dD,
+        limit=_log_limit,
+        fixed={"a": 1.0},
+        coords=(
+            # b = s - D_min with s > 0 keeps a*D + b > 0 on the data (a is held at 1)
+            Coord("log_s", "b", lambda D: (math.log(D.min()) - 25.0, math.log(D.max()) + 25.0), "exp_shift"),
+            Coord("c", "c"),
+            Coord("A0", "A0"),
+        ),
+        prefit=Prefit(_log_grid, lambda t, u, v: {"log_s": math.log(t["s"]), "c": v, "A0": u}, offset="A0"),
     ),
     "sigmoid": Law(
-        "sigmoid",
-        "sigmoid-like",
-        "section 2 (alternative)",
-        "A(D) = a - 1/(1 + b*exp(c*D + d))   [b held at 1]",
-        ("a", "b", "c", "d"),
-        sigmoid_law,
-        _sigmoid_dD,
-        _sigmoid_limit,
-        None,
-        {"b": 1.0},
+        name="sigmoid",
+        title="sigmoid-like",
+        reference="section 2 (alternative)",
+        formula="A(D) = a - 1/(1 + b*exp(c*D + d))   [b held at 1]",
+        param_names=("a", "b", "c", "d"),
+        func=sigmoid_law,
+        derivative=_sigmoid_dD,
+        limit=_sigmoid_limit,
+        fixed={"b": 1.0},
+        coords=(Coord("a", "a"), Coord("c", "c"), Coord("d", "d")),
+        prefit=Prefit(_sigmoid_grid, lambda t, u, v: {"a": u, "c": t["c"], "d": -t["c"] * t["m"]}, offset="a",
+                      slope=-1.0),
     ),
     "loss": Law(
-        "loss",
-        "limit-loss power law",
-        "Fig. 12",
-        "L(D) = L0 + k * D^(-beta)",
-        ("L0", "k", "beta"),
-        loss_law,
-        _loss_dD,
-        lambda p: p["L0"],
-        "L0",
+        name="loss",
+        title="limit-loss power law",
+        reference="Fig. 12",
+        formula="L(D) = L0 + k * D^(-beta)",
+        param_names=("L0", "k", "beta"),
+        func=loss_law,
+        derivative=_loss_dD,
+        limit=lambda p: p["L0"],
+        limit_name="L0",
+        ratio=False,
+        above_limit=True,
+        coords=(
+            Coord("L0", "L0", (0.0, np.inf)),
+            Coord("log_k", "k", (-30.0, 20.0), "exp"),
+            Coord("beta", "beta", ALPHA_BOUNDS),
+        ),
+        prefit=Prefit(
+            _power_grid(1.0),
+            lambda t, u, v: {"beta": t["exponent"], "log_k": math.log(v), "L0": u},
+            offset="L0",
+            min_slope=0.0,
+            flat={"beta": 1.0, "log_k": -30.0},
+        ),
     ),
 }
-
-#: the paper's power law for each activation function (Eq. 4 for ReLU, Eq. 5 for SiLU)
-POWER_LAW = {"relu": "relu", "silu": "silu"}
 
 
 def get_law(name: str | Law) -> Law:
@@ -238,6 +379,15 @@ def get_law(name: str | Law) -> Law:
         return LAWS[str(name).lower()]
     except KeyError:
         raise ValueError(f"unknown law {name!r}; choose one of {sorted(LAWS)}") from None
+
+
+def law_for_activation(activation: str) -> Law:
+    """The paper's law for models with this activation function: Eq. 4 for ReLU, Eq. 5 for SiLU."""
+    for law in LAWS.values():
+        if law.activation == str(activation).lower():
+            return law
+    known = sorted(law.activation for law in LAWS.values() if law.activation)
+    raise ValueError(f"no law for activation {activation!r}; the paper fits {known}")
 
 
 # ---------------------------------------------------------------------------
@@ -269,7 +419,7 @@ def published_coefficients(data_dir: str | Path | None = None) -> dict[tuple[str
     out = {}
     for row in df.itertuples(index=False):
         act = row.activation.lower()
-        names = get_law(POWER_LAW[act]).param_names
+        names = law_for_activation(act).param_names
         out[(act, row.scale)] = {n: float(getattr(row, n)) for n in names}
     return out
 

@@ -21,6 +21,8 @@ __all__ = [
     "plot_mse_profile",
     "plot_mse_profiles",
     "plot_forecast",
+    "plot_forecast_errors",
+    "plot_drop_k",
     "plot_bottleneck",
     "plot_limit_loss",
     "plot_neuron_contributions",
@@ -69,7 +71,7 @@ def _axes(axes, n: int, figsize):
 def plot_activation_vs_data(series, fits: Mapping, published: Mapping | None = None, axes=None):
     """Fig. 4: activation ratio against training tokens, ReLU and SiLU panels, all scales.
 
-    ``series``: :class:`~sparsing_utils.fitting.ActivationSeries` list; ``fits``: their
+    ``series``: :class:`~sparsing_utils.series.ActivationSeries` list; ``fits``: their
     :class:`~sparsing_utils.fitting.LawFit` by series name (solid curves); ``published``:
     optional Table 2 coefficients ``{(activation, scale): params}`` (dashed grey curves).
     """
@@ -107,7 +109,7 @@ def plot_activation_vs_data(series, fits: Mapping, published: Mapping | None = N
 def plot_limit_vs_scale(table, axes=None):
     """Fig. 7: limit activation ratio ``A0`` against parameter scale, with bootstrap intervals.
 
-    ``table``: :func:`~sparsing_utils.fitting.compare_with_published` output (columns
+    ``table``: :func:`~sparsing_utils.analysis.compare_with_published` output (columns
     ``activation, scale, A0, A0_lo, A0_hi`` and optionally ``A0_pub``).
     """
     acts = [a for a in ("relu", "silu") if (table["activation"] == a).any()]
@@ -138,7 +140,7 @@ def plot_derivative_vs_ratio(frame, y: str = "dA_dratio", axes=None):
     """Fig. 8: the slope of the activation-data curve against the data-to-parameter ratio ``D/N``.
 
     ``frame`` has columns ``activation, scale, data_ratio`` and ``y`` (one block per series, from
-    :func:`~sparsing_utils.fitting.derivative_table`): ``dA_dratio`` (slope against ``D/N``,
+    :func:`~sparsing_utils.analysis.derivative_table`): ``dA_dratio`` (slope against ``D/N``,
     default) or ``dA_dD`` (per billion tokens). ReLU curves fall (slope < 0), SiLU curves rise
     (slope > 0); both axes are logarithmic, so magnitudes are drawn.
     """
@@ -209,7 +211,7 @@ def plot_mse_profiles(profiles: Mapping, fits: Mapping, published: Mapping[str, 
 def plot_forecast(series, forecasts: Sequence[Mapping], ax=None):
     """Forecast from the first checkpoints: data, and each partial fit extrapolated.
 
-    ``forecasts``: results of :func:`~sparsing_utils.fitting.forecast` (with their ``fit``).
+    ``forecasts``: results of :func:`~sparsing_utils.analysis.forecast` (with their ``fit``).
     """
     fig, (ax,) = _axes(ax, 1, (5.5, 3.8))
     ax.scatter(series.D, series.A, s=10, color="0.3", label="checkpoints")
@@ -223,6 +225,65 @@ def plot_forecast(series, forecasts: Sequence[Mapping], ax=None):
     ax.set_title(f"Forecast, {series.name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_forecast_errors(table, axes=None):
+    """Forecasts for every run (the table of :func:`~sparsing_utils.analysis.forecast_table`):
+    left, the RMSE on the held-out checkpoints; right, how far the partial fit's limit lies from
+    the full fit's, both against the share of checkpoints fitted. One line per run (colour: scale;
+    solid ReLU, dashed SiLU); crosses mark partial fits with a coefficient on a bound."""
+    fig, axes = _axes(axes, 2, (11, 4))
+    colors = _palette(list(table["scale"]))
+    styles = {"relu": "-", "silu": "--"}
+    gap = (table["limit_partial"] - table["limit_full"]).abs()
+    for name, g in table.groupby("series", sort=False):
+        act, scale = g["activation"].iloc[0], g["scale"].iloc[0]
+        x = g["train_fraction"].to_numpy(float)
+        flagged = g["at_bound"].fillna("").astype(str).str.len().to_numpy() > 0
+        for ax, y in zip(axes, (g["rmse"].to_numpy(float), gap[g.index].to_numpy(float))):
+            ax.plot(x, y, styles.get(act, ":"), marker="o", ms=4, color=colors[scale], label=name)
+            if flagged.any():
+                ax.plot(x[flagged], y[flagged], "x", ms=9, mew=2, color="k", ls="none")
+    axes[0].set_ylabel("RMSE on the held-out checkpoints")
+    axes[1].set_ylabel("|A0 (first checkpoints) - A0 (all)|")
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("symlog", linthresh=1e-3)  # a gap of exactly 0 (both limits on the bound) stays visible
+    for ax in axes:
+        ax.set_xlabel("share of checkpoints fitted")
+        ax.set_xticks(sorted(table["train_fraction"].unique()))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].set_title("x: a coefficient of the partial fit on a bound", fontsize=8)
+    fig.suptitle("Forecasting a run from its first checkpoints")
+    fig.tight_layout()
+    return fig
+
+
+def plot_drop_k(refits, rtol: float = 0.01, axes=None):
+    """Table 2, explained: for each run, how far the refit without the first ``k`` checkpoints
+    lies from the published coefficients (largest relative deviation, log scale) against ``k``
+    (:func:`~sparsing_utils.analysis.drop_first_refits`). Below the dotted line at ``rtol``
+    every published coefficient is reproduced; a star marks each run's closest ``k``."""
+    acts = [a for a in ("relu", "silu") if (refits["activation"] == a).any()]
+    fig, axes = _axes(axes, len(acts), (5.5 * len(acts), 4))
+    colors = _palette(list(refits["scale"]))
+    for ax, act in zip(axes, acts):
+        t = refits[refits["activation"] == act]
+        for scale, g in t.groupby("scale", sort=False):
+            ax.plot(g["k"], g["max_rel_dev"], "o-", ms=3, color=colors[scale], label=scale)
+            best = g.loc[g["max_rel_dev"].idxmin()]
+            ax.plot([best["k"]], [best["max_rel_dev"]], "*", ms=13, color=colors[scale], mec="k")
+        ax.axhline(rtol, color="k", ls=":", lw=1, label=f"{rtol:.0%} (match)")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(t["k"].unique()))
+        ax.set_xlabel("first checkpoints dropped before refitting, k")
+        ax.set_ylabel("max |refit - Table 2| / |Table 2|")
+        ax.set_title(f"{act.upper()} ({'Eq. 4' if act == 'relu' else 'Eq. 5'})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Which refit reproduces Table 2? (star: closest k)")
     fig.tight_layout()
     return fig
 
@@ -246,7 +307,7 @@ def plot_bottleneck(fit, ax=None, xlabel: str = "width-depth ratio (hidden size 
 def plot_limit_loss(fits: Mapping, ax=None):
     """Fig. 12: limit training loss ``L0`` per model, with bootstrap intervals.
 
-    ``fits``: ``{label: LawFit}`` from :func:`~sparsing_utils.fitting.fit_limit_loss`.
+    ``fits``: ``{label: LawFit}`` from :func:`~sparsing_utils.analysis.fit_limit_loss`.
     """
     fig, (ax,) = _axes(ax, 1, (max(4.0, 0.8 * len(fits) + 2), 3.6))
     labels = list(fits)
