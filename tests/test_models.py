@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from sparsing_utils.corpora import make_blocks
+from sparsing_utils.blocks import make_blocks
+from sparsing_utils.hub import HubUnreachableError
 from sparsing_utils.models import (
     DEFAULT_MODEL,
-    HubUnreachableError,
     LoadedModel,
     describe_model,
     load_model,
