@@ -351,13 +351,15 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
     return tok
 
 
-def _weights(source: str, path: Path | None, model: Any, dtype: str) -> str:
-    """What the model computes with, for result metadata (see :class:`LoadedModel`)."""
-    if source in _GGUF_SOURCES:
-        return describe_weights(path, dtype)
-    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    stored = _dtype_name(stored) if isinstance(stored, torch.dtype) else stored
-    return f"{stored} checkpoint loaded in {dtype}" if stored else f"checkpoint loaded in {dtype}"
+def _stored_dtype(target: str) -> str | None:
+    """The dtype a checkpoint's config.json declares (the loaded config holds the load dtype)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(target)  # the file is local or cached by now
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def load_model(
@@ -402,6 +404,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     cached_in = None  # the conversion cache folder the weights came from
+    stored = None  # the checkpoint's own dtype (not GGUF)
     try:
         if source in _GGUF_SOURCES:
             wanted = cache_wanted(source) if cache is None else bool(cache)
@@ -409,9 +412,11 @@ def load_model(
             model, cached_in = load_gguf(path, torch_dtype, device_map=device_map,
                                          cache_folder=cache_folder_for(path, root) if wanted else None)
         else:
+            target = str(path) if path is not None else spec
             extra = {} if device_map is None else {"device_map": device_map}
-            model = AutoModelForCausalLM.from_pretrained(str(path) if path is not None else spec, dtype=torch_dtype,
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype,
                                                          trust_remote_code=trust_remote_code, **extra)
+            stored = _stored_dtype(target)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(
@@ -453,7 +458,8 @@ def load_model(
         source=source,
         dtype=actual_dtype,
         device=actual_device,
-        weights=_weights(source, path, model, actual_dtype),
+        weights=describe_weights(path, actual_dtype) if source in _GGUF_SOURCES
+        else f"{stored or 'undeclared-dtype'} checkpoint loaded in {actual_dtype}",
         path=str(path) if path is not None else "",
         cached=cached_in is not None,
         load_seconds=time.perf_counter() - start,

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny_tokenizer, markov_text
 
+import sparsing_utils.measure as measure_module
 from sparsing_utils.cli import main
+from sparsing_utils.jsonio import check_writable
 from sparsing_utils.measure import check_p_values, measure_sparsity
 
 PER_P_KEYS = ("p", "cett", "activation_ratio", "ppl_dense", "ppl_sparse", "ppl_ratio", "thresholds",
@@ -84,6 +88,50 @@ def test_check_p_values():
     for bad in ([], [0], [100], [float("nan")], ["5"], [1, -1]):
         with pytest.raises(ValueError):
             check_p_values(bad)
+
+
+# -- an output that cannot be written: refused before the model is loaded ------------------
+
+
+def _unwritable_cases(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (tmp_path, r"the output '.*' is a folder: give a file name"),
+        (a_file / "r.json", r"cannot write the output '.*a_file/r\.json': '.*a_file' is a file, not a folder"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: a virtual folder that accepts no new files
+        cases += [("/proc/r.json", r"cannot write the output '/proc/r\.json': the folder '/proc' does not accept "
+                                   r"new files \(.*\); choose an output path in a writable folder"),
+                  ("/proc/new/r.json", r"the folder '/proc/new' cannot be created")]
+    return cases
+
+
+def test_unwritable_out_is_refused_before_any_model_work(tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the output cannot be written")
+
+    monkeypatch.setattr(measure_module, "load_model", no_load)
+    monkeypatch.setattr(measure_module, "make_blocks", no_load)
+    for out, message in _unwritable_cases(tmp_path):
+        start = time.perf_counter()
+        rc, _, err = measure(["--model", "smollm2", "--p", "1", "--out", out, "--quiet"], capsys)
+        assert rc == 2, err
+        assert err.startswith("sparsing measure: error: ") and re.search(message, err), (message, err)
+        assert time.perf_counter() - start < 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_check_writable_leaves_no_trace(tmp_path):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert check_writable(out) == out
+    assert list(tmp_path.iterdir()) == []  # the folders it made to try are gone again
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept" / "r.json")
+    assert list((tmp_path / "kept").iterdir()) == []  # no temporary file left
+    for out, message in _unwritable_cases(tmp_path):
+        with pytest.raises(ValueError, match=message):
+            check_writable(out)
 
 
 # -- end to end on the tiny trained model (fast) ------------------------------------------
