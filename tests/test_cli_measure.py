@@ -101,8 +101,8 @@ def _unwritable_cases(tmp_path):
         (a_file / "r.json", r"cannot write the output '.*a_file/r\.json': '.*a_file' is a file, not a folder"),
     ]
     if Path("/proc/self").is_dir():  # Linux: a virtual folder that accepts no new files
-        cases += [("/proc/r.json", r"cannot write the output '/proc/r\.json': the folder '/proc' does not accept "
-                                   r"new files \(.*\); choose an output path in a writable folder"),
+        cases += [("/proc/r.json", (r"cannot write the output '/proc/r\.json': the folder '/proc' does not accept "
+                                    r"new files \(.*\); choose an output path in a writable folder")),
                   ("/proc/new/r.json", r"the folder '/proc/new' cannot be created")]
     return cases
 

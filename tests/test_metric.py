@@ -26,9 +26,14 @@ from sparsing_utils.ffn import count_hooks, find_ffn_sites
 from sparsing_utils.jsonio import atomic_write_json
 from sparsing_utils.pareto import pareto_sweep
 from sparsing_utils.probe import SparsityProbe
-from sparsing_utils.results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
-from sparsing_utils.search import EvaluationTable, search_checkpoints, search_ppl_p
+from sparsing_utils.results import (
+    CheckpointResult,
+    PPLPResult,
+    SparsityReport,
+    sparse_inference,
+)
 from sparsing_utils.rules import CETTRule, apply_rule
+from sparsing_utils.search import EvaluationTable, search_checkpoints, search_ppl_p
 
 D_FF = 37
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import official_reference as ref
 import pytest
 import torch
-
-import official_reference as ref
 from conftest import build_tiny_llama, build_tiny_tokenizer
 
 K = ref.NUM_CANDIDATES
