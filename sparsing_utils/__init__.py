@@ -27,8 +27,8 @@ which need lmfit, matplotlib and seaborn.
 
 __version__ = "0.1.0"
 
-from .blocks import TokenBlocks, blocks_from_text, make_blocks  # noqa: E402
-from .cett import (  # noqa: E402
+from .blocks import TokenBlocks, blocks_from_text, make_blocks
+from .cett import (
     CETTCurve,
     NormHistogram,
     cett_per_token,
@@ -38,16 +38,36 @@ from .cett import (  # noqa: E402
     refine_thresholds,
     truncated_norms,
 )
-from .ffn import FFNSite, count_hooks, edit_activations, find_ffn_sites, read_activations  # noqa: E402
-from .jsonio import atomic_write_json, check_writable  # noqa: E402
-from .measure import check_p_values, measure_probe, measure_sparsity  # noqa: E402
-from .models import DEFAULT_MODEL, LoadedModel, describe_model, load_model, smollm2_gguf_path  # noqa: E402
-from .pareto import pareto_sweep  # noqa: E402
-from .probe import PassStats, SparsityProbe  # noqa: E402
-from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference  # noqa: E402
-from .rules import CETTRule, DenseRule, FATRule, ReLURule, SparsityRule, TopKRule, apply_rule  # noqa: E402
-from .search import EvaluationTable, search_checkpoints, search_ppl_p  # noqa: E402
-from .sources import BUILTIN_SOURCES, load_text  # noqa: E402
+from .ffn import (
+    FFNSite,
+    count_hooks,
+    edit_activations,
+    find_ffn_sites,
+    read_activations,
+)
+from .jsonio import atomic_write_json, check_writable
+from .measure import check_p_values, measure_probe, measure_sparsity
+from .models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    describe_model,
+    load_model,
+    smollm2_gguf_path,
+)
+from .pareto import pareto_sweep
+from .probe import PassStats, SparsityProbe
+from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
+from .rules import (
+    CETTRule,
+    DenseRule,
+    FATRule,
+    ReLURule,
+    SparsityRule,
+    TopKRule,
+    apply_rule,
+)
+from .search import EvaluationTable, search_checkpoints, search_ppl_p
+from .sources import BUILTIN_SOURCES, load_text
 
 __all__ = [
     "__version__",

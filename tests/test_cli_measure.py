@@ -274,11 +274,15 @@ def test_cli_end_to_end_smollm2(tmp_path, capsys, smollm2):
     assert data["model"]["weights"] == "Q4_1 GGUF dequantized to float32"
     assert all(abs(c - r["cett"]) <= 1e-3 for c in r["layer_cett"])
     assert "written:" in stdout
-    # the activation ratio and PPL the JSON reports, recomputed by the test's own masking
+    # the activation ratio and PPL the JSON reports, recomputed by the test's own masking. A
+    # neuron within float32 rounding of its threshold may fall on either side of the two
+    # equivalent comparisons (|a| ||w|| > eps here, |a| > eps / ||w|| in rules.py), and each such
+    # flip nudges the later layers' inputs: measured up to 3.8e-5 per layer; a wrong norm, hook
+    # or comparison moves the ratios by 1e-2 and more
     ids = make_blocks(smollm2.tokenizer, "pydoc", tokens=1024, block_len=512).input_ids
     ppl, kept = masked_forward(smollm2.model, ids, r["thresholds"])
-    assert r["layer_activation_ratio"] == pytest.approx(kept, abs=2e-5)
-    assert r["activation_ratio"] == pytest.approx(sum(kept) / 30, abs=2e-5)
+    assert r["layer_activation_ratio"] == pytest.approx(kept, abs=1e-4)
+    assert r["activation_ratio"] == pytest.approx(sum(kept) / 30, abs=5e-5)
     assert r["ppl_sparse"] == pytest.approx(ppl, rel=1e-4)
     # pinned: the dense PPL is fixed up to float32 summation order; the searched CETT may land
     # anywhere its PPL ratio is within the tolerance (1.009-1.011): PPL excess grows about like
