@@ -1,9 +1,9 @@
 """The project's PPL-p% search with the token blocks split across processes (issue 4, item 5).
 
 Launch with ``torchrun --nproc_per_node N``; rank ``r`` takes blocks ``r::N``, builds its
-:class:`~sparsing_utils.metric.SparsityProbe` on that shard, and every sum of the search
+:class:`~sparsing_utils.probe.SparsityProbe` on that shard, and every sum of the search
 (losses, token counts, norm histograms, CETT and activation sums) is all-reduced inside
-``sparsing_utils.metric``, so all ranks follow the same search and reach the same answer.
+``sparsing_utils.probe``, so all ranks follow the same search and reach the same answer.
 Process group: ``nccl`` on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``), ``gloo`` on CPU. Run
 without ``torchrun`` it is the single-process search on all blocks (world size 1), the
 baseline to compare with. Rank 0 prints the wall time and the result and writes ``--out``.
@@ -40,7 +40,9 @@ if _HERE not in sys.path:
 
 import bench_search as bs
 
-from sparsing_utils.metric import SparsityProbe, atomic_write_json, search_ppl_p
+from sparsing_utils.jsonio import atomic_write_json
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.search import search_ppl_p
 
 
 def log(rank: int, msg: str, *, all_ranks: bool = False) -> None:
@@ -59,7 +61,7 @@ def build(args, rank: int, world: int, device: torch.device):
     info = {"model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "tokens": n_blocks * block_len, "block_len": block_len, "n_blocks": n_blocks, "world_size": world}
     if args.model == "smollm2":
-        from sparsing_utils.corpora import make_blocks
+        from sparsing_utils.blocks import make_blocks
         from sparsing_utils.models import load_model
 
         loaded = load_model("smollm2", dtype=info["dtype"], device=str(device))

@@ -1,5 +1,5 @@
 """Side-by-side benchmark: the official PPL-p% search (``official_reference.py``) against the
-project's :func:`sparsing_utils.metric.search_ppl_p` (modes ``memory`` and ``stream``), on the
+project's :func:`sparsing_utils.search.search_ppl_p` (modes ``memory`` and ``stream``), on the
 same model and the same tokens, in one run (issue 4).
 
 For each method: wall time, forward-pass equivalents (wall time / one plain forward of the same
@@ -64,7 +64,9 @@ if _HERE not in sys.path:
 
 import official_reference as ref
 
-from sparsing_utils.metric import SparsityProbe, atomic_write_json, search_ppl_p
+from sparsing_utils.jsonio import atomic_write_json
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.search import search_ppl_p
 from sparsing_utils.rules import CETTRule
 
 MODELS = {
@@ -212,7 +214,7 @@ def build(args):
     info = {"model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "tokens": n_blocks * block_len, "block_len": block_len, "n_blocks": n_blocks}
     if args.model == "smollm2":
-        from sparsing_utils.corpora import make_blocks
+        from sparsing_utils.blocks import make_blocks
         from sparsing_utils.models import load_model
 
         loaded = load_model("smollm2", dtype=info["dtype"], device=str(device))
@@ -340,7 +342,8 @@ def code_version() -> dict:
     import subprocess
 
     import sparsing_utils.cett
-    import sparsing_utils.metric
+    import sparsing_utils.probe
+    import sparsing_utils.search
 
     out = {}
     try:
@@ -348,7 +351,7 @@ def code_version() -> dict:
                                            timeout=10, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
-    for mod in (sparsing_utils.metric, sparsing_utils.cett, ref):
+    for mod in (sparsing_utils.probe, sparsing_utils.search, sparsing_utils.cett, ref):
         with open(mod.__file__, "rb") as f:
             out[os.path.basename(mod.__file__) + "_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
     return out

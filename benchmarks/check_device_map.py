@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_search as bs  # noqa: E402
 
-from sparsing_utils.metric import SparsityProbe, search_ppl_p  # noqa: E402
+from sparsing_utils.probe import SparsityProbe  # noqa: E402
+from sparsing_utils.search import search_ppl_p  # noqa: E402
 
 
 def main():

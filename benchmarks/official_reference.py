@@ -1,7 +1,7 @@
 """A faithful re-implementation of the official PPL-p% search (the slow baseline of issue 4).
 
 Written from the description in PAPER.md Sec. 1 ("The official code's search, for
-reference"), to check the project's fast search (:func:`sparsing_utils.metric.search_ppl_p`)
+reference"), to check the project's fast search (:func:`sparsing_utils.search.search_ppl_p`)
 for speed and accuracy. Only the hook plumbing (:mod:`sparsing_utils.ffn`) is shared with the
 project; the search logic here is the reference's own.
 

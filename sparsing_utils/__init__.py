@@ -3,28 +3,71 @@
 Implements Luo et al., *Sparsing Law: Towards Large Language Models with Greater
 Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 
-- ``models``   load a causal LM (hub id, local folder, GGUF file, the embedded SmolLM2)
-- ``corpora``  offline and online text sources, deterministic token blocks
-- ``ffn``      find each layer's FFN; hooks that read or edit the activation vector ``a``
-- ``cett``     tensor math: neuron norms, CETT, thresholds (no model)
-- ``rules``    sparsification rules: CETT thresholds, Top-k, FAT-eps, ReLU
-- ``metric``   PPL-p% search (Algorithm 1), Pareto sweeps, results
-- ``measure``  model + text -> report, end to end (the ``sparsing measure`` command)
+- ``models``        load a causal LM (hub id, local folder, GGUF file, the embedded 4-bit SmolLM2)
+- ``gguf_convert``  GGUF files as float models: quantization type, de-quantizing conversion, its cache
+- ``hub``           local path or Hugging Face hub: reading a spec, offline mode
+- ``sources``       text sources: built-in pydoc/stdlib, local files, ``hf:`` datasets
+- ``blocks``        deterministic fixed-length token blocks cut from a source
+- ``ffn``           find each layer's FFN; hooks that read or edit the activation vector ``a``
+- ``cett``          tensor math: neuron norms, CETT, thresholds (no model)
+- ``rules``         sparsification rules: CETT thresholds, Top-k, FAT-eps, ReLU
+- ``probe``         ``SparsityProbe``: one model on one set of blocks (dense pass, exact CETT, sparse passes)
+- ``search``        the PPL-p% search on the CETT target and Algorithm 1 (``EvaluationTable``)
+- ``pareto``        PPL-vs-activation sweeps of each rule family (Fig. 3)
+- ``results``       result objects (JSON, atomic) and ``sparse_inference``
+- ``jsonio``        the one atomic JSON writer, and the check that an output path can be written
+- ``measure``       model + text -> report, end to end (the ``sparsing measure`` command)
 - ``laws`` / ``fitting``  the activation-vs-data laws (Eq. 4, Eq. 5), fits, limits, forecasts
-- ``plots``    one function per figure
+- ``plots``         one function per figure
+
+The measuring names are importable from the package itself (``sparsing_utils.SparsityProbe``);
+the laws, fits and figures from their modules (``from sparsing_utils import fitting, laws, plots``),
+which need lmfit, matplotlib and seaborn.
 """
 
 __version__ = "0.1.0"
 
-from .cett import (CETTCurve, NormHistogram, cett_per_token, cett_statistics, interpolate_thresholds,  # noqa: E402
-                   neuron_norms, refine_thresholds, truncated_norms)
-from .corpora import BUILTIN_SOURCES, TokenBlocks, blocks_from_text, load_text, make_blocks  # noqa: E402
-from .ffn import FFNSite, count_hooks, edit_activations, find_ffn_sites, read_activations  # noqa: E402
-from .measure import check_p_values, measure_probe, measure_sparsity  # noqa: E402
-from .metric import (CheckpointResult, PassStats, PPLPResult, SparsityProbe, SparsityReport,  # noqa: E402
-                     pareto_sweep, search_checkpoints, search_ppl_p, sparse_inference)
-from .models import DEFAULT_MODEL, LoadedModel, describe_model, load_model, smollm2_gguf_path  # noqa: E402
-from .rules import CETTRule, DenseRule, FATRule, ReLURule, SparsityRule, TopKRule, apply_rule  # noqa: E402
+from .blocks import TokenBlocks, blocks_from_text, make_blocks
+from .cett import (
+    CETTCurve,
+    NormHistogram,
+    cett_per_token,
+    cett_statistics,
+    interpolate_thresholds,
+    neuron_norms,
+    refine_thresholds,
+    truncated_norms,
+)
+from .ffn import (
+    FFNSite,
+    count_hooks,
+    edit_activations,
+    find_ffn_sites,
+    read_activations,
+)
+from .jsonio import atomic_write_json, check_writable
+from .measure import check_p_values, measure_probe, measure_sparsity
+from .models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    describe_model,
+    load_model,
+    smollm2_gguf_path,
+)
+from .pareto import pareto_sweep
+from .probe import PassStats, SparsityProbe
+from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
+from .rules import (
+    CETTRule,
+    DenseRule,
+    FATRule,
+    ReLURule,
+    SparsityRule,
+    TopKRule,
+    apply_rule,
+)
+from .search import EvaluationTable, search_checkpoints, search_ppl_p
+from .sources import BUILTIN_SOURCES, load_text
 
 __all__ = [
     "__version__",
@@ -37,26 +80,29 @@ __all__ = [
     "refine_thresholds",
     "truncated_norms",
     "BUILTIN_SOURCES",
+    "load_text",
     "TokenBlocks",
     "blocks_from_text",
-    "load_text",
     "make_blocks",
     "FFNSite",
     "count_hooks",
     "edit_activations",
     "find_ffn_sites",
     "read_activations",
+    "atomic_write_json",
+    "check_writable",
     "check_p_values",
     "measure_probe",
     "measure_sparsity",
-    "CheckpointResult",
     "PassStats",
-    "PPLPResult",
     "SparsityProbe",
-    "SparsityReport",
-    "pareto_sweep",
+    "EvaluationTable",
     "search_checkpoints",
     "search_ppl_p",
+    "pareto_sweep",
+    "CheckpointResult",
+    "PPLPResult",
+    "SparsityReport",
     "sparse_inference",
     "DEFAULT_MODEL",
     "LoadedModel",
@@ -71,17 +117,3 @@ __all__ = [
     "TopKRule",
     "apply_rule",
 ]
-
-# Figures and fits need matplotlib/seaborn and lmfit; import them on first use so the
-# measuring code also runs where only torch and transformers are installed (GPU boxes).
-_LAZY = {"plots": "sparsing_utils.plots", "fitting": "sparsing_utils.fitting", "laws": "sparsing_utils.laws"}
-
-
-def __getattr__(name: str):
-    import importlib
-
-    for module in _LAZY.values():
-        mod = importlib.import_module(module)
-        if name in getattr(mod, "__all__", ()):
-            return getattr(mod, name)
-    raise AttributeError(f"module 'sparsing_utils' has no attribute {name!r}")

@@ -211,9 +211,8 @@ class CETTCurve:
 
     eps: torch.Tensor
     cett: torch.Tensor
-    active: torch.Tensor | None = None  # activation ratio at each grid point [layers, K]
 
-    def add_points(self, eps: torch.Tensor, cett: torch.Tensor) -> "CETTCurve":
+    def add_points(self, eps: torch.Tensor, cett: torch.Tensor) -> CETTCurve:
         """Merge exact evaluations ``[layers, M]`` into the grid (kept sorted by eps)."""
         e = torch.cat([self.eps, eps.to(self.eps)], dim=1)
         c = torch.cat([self.cett, cett.to(self.cett)], dim=1)

@@ -50,9 +50,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
+    from .jsonio import check_writable
     from .measure import check_p_values, measure_sparsity
 
     check_p_values(args.p)  # fail before loading anything
+    check_writable(args.out)
     report = measure_sparsity(
         args.model, args.text, tokens=args.tokens, p=args.p, block_len=args.block_len, dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, mode=args.mode,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 __all__ = [
     "FFNSite",
     "FFN_REGISTRY",
+    "REMOTE_CODE_MODEL_TYPES",
     "find_ffn_sites",
     "read_activations",
     "edit_activations",
@@ -34,24 +35,19 @@ __all__ = [
 class _Family:
     layers: str  # dotted path from the model to the ModuleList of decoder layers
     down: str  # dotted path from a layer to the FFN output projection (input = a)
-    act: str | None  # dotted path from a layer to the activation module
+    act: str | None  # dotted path from a layer to the activation module act(W_gate x)
     gated: bool
 
 
-# model_type -> where the FFN lives. The structural fallback in ``find_ffn_sites`` covers
-# families missing here that follow the same shapes.
-_GATED_LLAMA_LIKE = _Family("model.layers", "mlp.down_proj", "mlp.act_fn", True)
+# model_type -> where the FFN lives; tests/test_ffn.py checks every entry against a tiny model
+# of its transformers config class (or, for remote code, a module laid out as the official code).
+# The structural fallback in ``find_ffn_sites`` covers families missing here that follow the same shapes.
+_LLAMA_LIKE = _Family("model.layers", "mlp.down_proj", "mlp.act_fn", True)  # gate_proj, up_proj, act_fn
+_FUSED_GATE_UP = _Family("model.layers", "mlp.down_proj", "mlp.activation_fn", True)  # gate_up_proj
 FFN_REGISTRY: dict[str, _Family] = {
-    **{
-        name: _GATED_LLAMA_LIKE
-        for name in (
-            "llama", "mistral", "mixtral_dense", "qwen2", "qwen3", "gemma", "gemma2", "olmo",
-            "olmo2", "granite", "cohere", "minicpm", "stablelm", "smollm3", "helium", "glm",
-            "internlm2", "deepseek_v2_dense", "yi", "baichuan",
-        )
-    },
-    "gemma3_text": _GATED_LLAMA_LIKE,
-    "phi3": _Family("model.layers", "mlp.down_proj", "mlp.activation_fn", True),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                     "granite", "cohere", "stablelm", "smollm3", "helium", "minicpm3"), _LLAMA_LIKE),
+    **dict.fromkeys(("phi3", "glm", "glm4"), _FUSED_GATE_UP),
     "gpt2": _Family("transformer.h", "mlp.c_proj", "mlp.act", False),
     "gpt_bigcode": _Family("transformer.h", "mlp.c_proj", "mlp.act", False),
     "opt": _Family("model.decoder.layers", "fc2", "activation_fn", False),
@@ -60,7 +56,13 @@ FFN_REGISTRY: dict[str, _Family] = {
     "falcon": _Family("transformer.h", "mlp.dense_4h_to_h", "mlp.act", False),
     "gptj": _Family("transformer.h", "mlp.fc_out", "mlp.act", False),
     "bloom": _Family("transformer.h", "mlp.dense_4h_to_h", None, False),
+    # Model types that exist only as remote code on the hub (load with trust_remote_code=True):
+    "minicpm": _LLAMA_LIKE,  # openbmb/MiniCPM-*, modeling_minicpm.py
+    "baichuan": _LLAMA_LIKE,  # baichuan-inc/Baichuan2-*, modeling_baichuan.py
+    "internlm2": _Family("model.layers", "feed_forward.w2", "feed_forward.act_fn", True),  # w1 gate, w3 up
 }
+# The registry's model types that transformers does not define (tested on hand-built layouts).
+REMOTE_CODE_MODEL_TYPES = frozenset({"minicpm", "baichuan", "internlm2"})
 
 # Where the structural fallback looks for the decoder layers and the output projection.
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
@@ -190,7 +192,6 @@ def _sites_from(layers: nn.ModuleList, path: str, down_names: Sequence[str], act
 # (also for architectures that run the FFN on flattened [batch*seq, d] tokens, e.g. OPT).
 # ---------------------------------------------------------------------------------------
 
-ReadFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], None]
 EditFn = Callable[[FFNSite, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 
 

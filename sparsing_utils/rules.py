@@ -4,7 +4,8 @@
   one threshold per layer, chosen by CETT (Luo et al. 2024, Sec. 3.1, PAPER.md Sec. 1).
 * :class:`TopKRule` - Top-k baseline (Fig. 3): the ``k = ratio * d_ff`` neurons with the
   largest score per token; ``scope="global"`` is the official code's variant that ranks the
-  whole batch at once.
+  whole batch at once. A neuron whose score is zero (a ReLU zero) is never activated, even
+  among the top k, as in the official code (which masks ``|gate| < 1e-18``).
 * :class:`FATRule` - FAT-eps baseline (Fig. 3): activated when ``|act(W_gate x)_i| > eps``.
 * :class:`ReLURule` - straightforward ReLU sparsity: activated when ``a_i != 0``.
 * :class:`DenseRule` - keeps everything (a control: identical to the unhooked model).
@@ -15,8 +16,8 @@ A rule maps ``(site, a, gate, col_norms)`` to a boolean mask shaped like ``a``
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from .cett import activation_limits
 from .ffn import FFNSite, edit_activations, find_ffn_sites
 
 __all__ = ["SparsityRule", "CETTRule", "TopKRule", "FATRule", "ReLURule", "DenseRule", "apply_rule"]
+
+# Scores below this are zeros (ReLU): never activated by Top-k. The official code's cut on |gate|.
+ZERO_SCORE = 1e-18
 
 
 class SparsityRule:
@@ -73,8 +77,11 @@ class TopKRule(SparsityRule):
 
     score: ``"gate"`` ranks by ``|act(W_gate x)|`` as the paper's baseline does (plain FFNs:
     ``|a|``); ``"magnitude"`` by ``|a|``; ``"norm"`` by ``|a_i| * ||W_down[:, i]||``.
-    scope: ``"token"`` (the common per-token definition: exactly k per token) or ``"global"``
+    scope: ``"token"`` (the common per-token definition: k per token) or ``"global"``
     (the official code's variant: one ranking over every token of the batch and layer).
+    Neurons scoring below :data:`ZERO_SCORE` (exact zeros of a ReLU model) are not activated
+    even when they rank among the top k, so a token of a ReLU model with fewer than k nonzero
+    gates keeps only those.
     """
 
     ratio: float
@@ -104,11 +111,12 @@ class TopKRule(SparsityRule):
         if self.scope == "token":
             k = max(1, min(d_ff, round(self.ratio * d_ff)))
             idx = s.topk(k, dim=-1).indices
-            return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
-        flat = s.reshape(-1)
-        k = max(1, min(flat.numel(), round(self.ratio * flat.numel())))
-        idx = flat.topk(k).indices
-        return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True).view_as(s)
+            top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+        else:
+            flat = s.reshape(-1)
+            k = max(1, min(flat.numel(), round(self.ratio * flat.numel())))
+            top = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, flat.topk(k).indices, True).view_as(s)
+        return top & (s >= ZERO_SCORE)  # [..., d_ff]
 
     def describe(self):
         return {"rule": self.name, "ratio": self.ratio, "score": self.score, "scope": self.scope}

@@ -22,8 +22,10 @@ from conftest import (
 )
 from torch import nn
 
+import sparsing_utils.ffn as ffn_module
 from sparsing_utils.ffn import (
     FFN_REGISTRY,
+    REMOTE_CODE_MODEL_TYPES,
     count_hooks,
     edit_activations,
     find_ffn_sites,
@@ -158,7 +160,8 @@ def test_read_activations_equals_manual_ffn(tiny_family):
         a, y = seen[site.index]
         assert a.shape == (2, 11, TINY_D_FF) and y.shape == (2, 11, 24)
         a_ref, _ = manual_ffn(family, layers[site.index], store[site.index])
-        a_ref = a_ref.reshape(2, 11, TINY_D_FF)  # OPT's FFN input is [batch*seq, d]        assert a_ref.abs().max() > 0.05  # a non-trivial activation vector
+        a_ref = a_ref.reshape(2, 11, TINY_D_FF)  # OPT's FFN input is [batch*seq, d]
+        assert a_ref.abs().max() > 0.05  # a non-trivial activation vector
         torch.testing.assert_close(a.double(), a_ref, atol=2e-5, rtol=1e-4)
         # y = W_down a, without the bias of the output projection
         y_ref = a_ref @ w_down_columns(family, site.module).T
@@ -333,3 +336,154 @@ def test_explicit_sites_subset(tiny_llama):
         assert count_hooks(tiny_llama) == 2
         logits(tiny_llama, torch.randint(0, 101, (1, 5)))
     assert seen == [1]
+
+
+# -- the registry, entry by entry -------------------------------------------------------------
+
+TRANSFORMERS_MODEL_TYPES = sorted(set(FFN_REGISTRY) - REMOTE_CODE_MODEL_TYPES)
+# Tiny sizes under every config's own names (configs that do not know a name ignore it).
+TINY_CONFIG = {"hidden_size": 24, "num_hidden_layers": 2, "intermediate_size": TINY_D_FF, "ffn_dim": TINY_D_FF,
+               "n_inner": TINY_D_FF, "ffn_hidden_size": TINY_D_FF, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": TINY_FAMILY_VOCAB, "max_position_embeddings": 64,
+               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+# ... and what some families need on top for attention to fit these sizes (head_dim 6)
+TINY_CONFIG_EXTRA = {"gptj": {"rotary_dim": 4}, "phi": {"partial_rotary_factor": 1.0}, "helium": {"head_dim": 6},
+                     "minicpm3": {"num_key_value_heads": 4}}
+
+
+def test_registry_names_only_real_model_types():
+    """Every entry is a model type of transformers, or one of the named remote-code types."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    for model_type in FFN_REGISTRY:
+        assert (model_type in CONFIG_MAPPING_NAMES) != (model_type in REMOTE_CODE_MODEL_TYPES), model_type
+
+
+def _check_registry_sites(model, model_type, batch=2, seq=7):
+    """find_ffn_sites through the registry entry alone: the module at the entry's path, its
+    input is a (y = W_down a), and for gated FFNs the gate hook sees act(W_gate x) [.., d_ff]."""
+    family = FFN_REGISTRY[model_type]
+    sites = find_ffn_sites(model)
+    layers = model.get_submodule(family.layers)
+    assert len(sites) == len(layers) == 2
+    for i, site in enumerate(sites):
+        assert site.module is layers[i].get_submodule(family.down)
+        assert site.name == f"{family.layers}.{i}.{family.down}" and site.layer is layers[i]
+        assert site.gated == family.gated and site.d_model == 24
+        if family.gated:
+            assert site.act_module is layers[i].get_submodule(family.act)
+    x = torch.randint(0, TINY_FAMILY_VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    # clones: some models add to the FFN output in place afterwards (Falcon: mlp_output += attention_output)
+    with read_activations(model, lambda site, a, y: seen.__setitem__(site.index, (a.clone(), y.clone())),
+                          with_output=True):
+        logits(model, x)
+    gates = {}
+    with edit_activations(model, lambda site, a, gate: gates.__setitem__(site.index, (a.clone(), gate.clone())),
+                          need_gate=True):
+        logits(model, x)
+    for site in sites:
+        a, y = seen[site.index]
+        assert a.shape == (batch, seq, site.d_ff) and y.shape == (batch, seq, 24)
+        torch.testing.assert_close(y, a @ site.weight_t().detach(), atol=1e-5, rtol=1e-4)
+        a2, gate = gates[site.index]
+        assert gate is not None and gate.shape == a2.shape
+        if site.gated:
+            assert not torch.equal(gate, a2)  # act(W_gate x), not a itself
+    return sites
+
+
+@pytest.mark.parametrize("model_type", TRANSFORMERS_MODEL_TYPES)
+def test_registry_entry_on_its_transformers_model(model_type, monkeypatch):
+    """A tiny random model of each registered model type, built from its transformers config
+    class; the structural fallback is switched off, so only the registry entry can find it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setattr(ffn_module, "_LAYER_PATHS", ())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY_CONFIG, **TINY_CONFIG_EXTRA.get(model_type, {})})).float().eval()
+    assert model.config.model_type == model_type
+    sites = _check_registry_sites(model, model_type)
+    widths = {s.d_ff for s in sites}
+    assert widths == ({96} if model_type == "bloom" else {TINY_D_FF})  # BLOOM fixes d_ff = 4 d_model
+
+
+# Remote-code model types (no transformers class): a hand-built module with the official
+# layout, names as in the model's own modeling file on the hub:
+# model_type -> (FFN attribute of a decoder layer, gate, up, down, activation)
+REMOTE_LAYOUTS = {
+    "minicpm": ("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),  # modeling_minicpm.py, MiniCPMMLP
+    "baichuan": ("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),  # modeling_baichuan.py, MLP
+    "internlm2": ("feed_forward", "w1", "w3", "w2", "act_fn"),  # modeling_internlm2.py, InternLM2MLP
+}
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, gate, up, down, act):
+        super().__init__()
+        self.names = (gate, up, down, act)
+        setattr(self, gate, nn.Linear(24, TINY_D_FF, bias=False))
+        setattr(self, up, nn.Linear(24, TINY_D_FF, bias=False))
+        setattr(self, down, nn.Linear(TINY_D_FF, 24, bias=False))
+        setattr(self, act, nn.SiLU())
+
+    def forward(self, x):
+        gate, up, down, act = (getattr(self, n) for n in self.names)
+        return down(act(gate(x)) * up(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, ffn_name, *names):
+        super().__init__()
+        self.ffn_name = ffn_name
+        setattr(self, ffn_name, _GatedMLP(*names))
+
+    def forward(self, hidden_states):
+        return hidden_states + getattr(self, self.ffn_name)(hidden_states)
+
+
+class _RemoteCodeLM(nn.Module):
+    """``model.embed_tokens``, ``model.layers[i].<ffn>``, ``lm_head``: the official skeleton
+    without attention (irrelevant to where the FFN sits)."""
+
+    def __init__(self, model_type):
+        super().__init__()
+        self.config = SimpleNamespace(model_type=model_type)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(TINY_FAMILY_VOCAB, 24)
+        self.model.layers = nn.ModuleList([_Layer(*REMOTE_LAYOUTS[model_type]) for _ in range(2)])
+        self.lm_head = nn.Linear(24, TINY_FAMILY_VOCAB, bias=False)
+
+    def forward(self, input_ids, **kwargs):
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h)
+        return SimpleNamespace(logits=self.lm_head(h))
+
+
+@pytest.mark.parametrize("model_type", sorted(REMOTE_CODE_MODEL_TYPES))
+def test_registry_entry_on_remote_code_layout(model_type, monkeypatch):
+    assert set(REMOTE_LAYOUTS) == REMOTE_CODE_MODEL_TYPES
+    monkeypatch.setattr(ffn_module, "_LAYER_PATHS", ())
+    torch.manual_seed(0)
+    model = _RemoteCodeLM(model_type).eval()
+    sites = _check_registry_sites(model, model_type)
+    ffn, gate, up, down, act = REMOTE_LAYOUTS[model_type]
+    x = torch.randint(0, TINY_FAMILY_VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    store, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(getattr(layer, ffn).register_forward_pre_hook(
+            lambda m, args, _i=i: store.__setitem__(_i, args[0].detach().double())))
+    seen = {}
+    try:
+        with read_activations(model, lambda site, a: seen.__setitem__(site.index, a)):
+            logits(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        mlp = getattr(model.model.layers[site.index], ffn)
+        xin = store[site.index]
+        a_ref = _silu(xin @ _w(getattr(mlp, gate)).T) * (xin @ _w(getattr(mlp, up)).T)
+        torch.testing.assert_close(seen[site.index].double(), a_ref, atol=1e-6, rtol=1e-5)
+        assert site.module is getattr(mlp, down) and site.act_module is getattr(mlp, act)

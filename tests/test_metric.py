@@ -23,18 +23,17 @@ from conftest import Blocks
 from torch import nn
 
 from sparsing_utils.ffn import count_hooks, find_ffn_sites
-from sparsing_utils.metric import (
+from sparsing_utils.jsonio import atomic_write_json
+from sparsing_utils.pareto import pareto_sweep
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.results import (
     CheckpointResult,
     PPLPResult,
-    SparsityProbe,
     SparsityReport,
-    atomic_write_json,
-    pareto_sweep,
-    search_checkpoints,
-    search_ppl_p,
     sparse_inference,
 )
 from sparsing_utils.rules import CETTRule, apply_rule
+from sparsing_utils.search import EvaluationTable, search_checkpoints, search_ppl_p
 
 D_FF = 37
 
@@ -158,6 +157,51 @@ def test_more_ppl_loss_means_more_sparsity(searched):
 
 def test_dense_pass_computed_once(probe, searched):
     assert probe.dense_passes == 1  # memory mode: the searches never rerun the dense model
+
+
+def test_evaluation_table_is_shared_between_p_values(trained_llama):
+    """One table for several p: the second search starts from every point the first evaluated,
+    and each point is the mean PPL ratio of its own sparse pass."""
+    pr = SparsityProbe(trained_llama.model, trained_llama.blocks(), name="shared")
+    table = EvaluationTable([pr])
+    r1 = search_ppl_p(pr, 1, evaluations=table)
+    after_first = table.points()
+    passes = pr.sparse_passes
+    r5 = search_ppl_p(pr, 5, evaluations=table)
+    assert table.points()[: len(after_first)] == after_first  # kept, in order
+    assert pr.sparse_passes - passes == len(table) - len(after_first)  # only new points cost a pass
+    assert r1.converged and r5.converged
+    for c, ratio in table.points():
+        ev = table.evaluate(c)
+        assert ev.ratio == ratio == pytest.approx(ev.stats[0].ppl / pr.dense.ppl, rel=1e-12)
+        assert torch.equal(ev.thresholds[0], pr.thresholds_for(c)[0])
+    assert table.evaluate(r5.cett).stats[0].activation_ratio == r5.activation_ratio
+    other = SparsityProbe(trained_llama.model, trained_llama.blocks(), name="other")
+    with pytest.raises(ValueError, match="made for other probes"):
+        search_ppl_p(other, 1, evaluations=table)
+
+
+def test_new_target_after_release(trained_llama):
+    """release() drops the stored activations of a memory-mode probe; a CETT target not
+    computed before must still get exact thresholds (by a fresh dense pass, as in stream
+    mode), equal to those of a probe that kept its activations."""
+    model, blocks = trained_llama.model, trained_llama.blocks()
+    kept = SparsityProbe(model, blocks, name="kept")
+    released = SparsityProbe(model, blocks, name="released")
+    for pr in (kept, released):
+        pr.thresholds_for(0.05)  # the same history of exact points on both
+    released.release()
+    with pytest.raises(ValueError, match="before release"):
+        released.activations(0)
+    before = released.dense_passes
+    eps_r, cett_r = released.thresholds_for(0.2)  # not cached: needs exact statistics
+    eps_k, cett_k = kept.thresholds_for(0.2)
+    assert released.dense_passes > before and kept.dense_passes == 1
+    assert torch.allclose(eps_r, eps_k, rtol=1e-5)
+    assert torch.allclose(cett_r, cett_k, atol=1e-6)
+    assert torch.allclose(released.layer_cett(eps_k), kept.layer_cett(eps_k), atol=1e-6)
+    r = search_ppl_p(released, 1)
+    assert r.converged and abs(r.ppl_ratio - 1.01) <= 1e-3
 
 
 @pytest.mark.parametrize("p", [1, 5])

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from sparsing_utils.corpora import make_blocks
+from sparsing_utils.blocks import make_blocks
+from sparsing_utils.gguf_convert import describe_weights, gguf_file_type
+from sparsing_utils.hub import HubUnreachableError
 from sparsing_utils.models import (
     DEFAULT_MODEL,
-    HubUnreachableError,
     LoadedModel,
     describe_model,
     load_model,
@@ -198,6 +199,49 @@ def test_describe_without_config():
     assert info["n_layers"] is None and info["d_ff"] is None and info["n_params"] == 16
 
 
+# -- what a GGUF file holds -------------------------------------------------------------
+
+
+def _write_gguf(path, file_type=None):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_token_list(["a", "bb", "ccc"])  # an array of strings before the key, to be skipped
+    writer.add_array("test.floats", [1.0, 2.0, 3.0])
+    writer.add_uint32("test.count", 5)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("w", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_file_type_from_header(tmp_path):
+    import gguf
+
+    q8 = _write_gguf(tmp_path / "q8.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert gguf_file_type(q8) == "Q8_0"
+    assert gguf_file_type(_write_gguf(tmp_path / "f32.gguf", gguf.LlamaFileType.ALL_F32)) == "F32"
+    assert gguf_file_type(_write_gguf(tmp_path / "none.gguf")) is None
+    assert describe_weights(q8, "bfloat16") == "Q8_0 GGUF dequantized to bfloat16"
+    assert describe_weights(tmp_path / "none.gguf", "float32") == "GGUF of undeclared type dequantized to float32"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_file_type(bad)
+    assert describe_weights(bad, "float32").startswith("GGUF (type unreadable: ")
+
+
+def test_local_folder_weights_are_described(tiny_dir):
+    loaded = load_model(str(tiny_dir), device="cpu", dtype="bf16")
+    assert loaded.weights == "float32 checkpoint loaded in bfloat16"
+
+
 # -- the real default model ------------------------------------------------------------
 
 
@@ -210,6 +254,20 @@ def test_smollm2_loads(smollm2):
     assert info["n_layers"] == 30 and info["d_ff"] == 1536 and info["activation"] == "silu" and info["hidden"] == 576
     assert smollm2.tokenizer.pad_token is not None
     assert smollm2.dtype == "float32" and smollm2.device == "cpu"
+    # the default is a 4-bit file: results say so
+    assert smollm2.weights == "Q4_1 GGUF dequantized to float32"
+    assert smollm2.describe()["weights"] == smollm2.weights
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_is_q4_1():
+    """The embedded file is 4-bit; the header reader agrees with the gguf package's full parse."""
+    import gguf
+
+    path = smollm2_gguf_path()
+    assert gguf_file_type(path) == "Q4_1"
+    field = gguf.GGUFReader(str(path)).fields["general.file_type"]
+    assert gguf.LlamaFileType(int(field.parts[field.data[0]][0])) == gguf.LlamaFileType.MOSTLY_Q4_1
 
 
 @pytest.mark.real_model

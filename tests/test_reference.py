@@ -12,16 +12,11 @@ a curve that is monotone by construction (orthogonal ``W_down`` columns).
 from __future__ import annotations
 
 import math
-import os
-import sys
 from types import SimpleNamespace
 
+import official_reference as ref
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import official_reference as ref
 from conftest import build_tiny_llama, build_tiny_tokenizer
 
 K = ref.NUM_CANDIDATES
@@ -218,7 +213,8 @@ def _trained_tiny(steps=150):
 
 
 def test_reference_and_project_agree_on_a_trained_tiny_model():
-    from sparsing_utils.metric import SparsityProbe, search_ppl_p
+    from sparsing_utils.probe import SparsityProbe
+    from sparsing_utils.search import search_ppl_p
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, blocks = _trained_tiny()

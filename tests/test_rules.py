@@ -140,6 +140,57 @@ def test_topk_global_official_keeps_exactly_per_batch():
         assert per_token.min() != per_token.max()  # not k per token: one ranking over the batch
 
 
+def build_tiny_relu_llama(seed: int = 0):
+    """A tiny random Llama with a ReLU gate (a = relu(W_gate x) * (W_up x)): about half of
+    each token's gates are exact zeros."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(hidden_size=24, num_hidden_layers=2, intermediate_size=TINY_D_FF, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=TINY_FAMILY_VOCAB, max_position_embeddings=64,
+                            hidden_act="relu", initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+                            pad_token_id=None)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(config).to(torch.float32).eval()
+
+
+def brute_top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of ``score [rows, n]``: the k largest, one at a time, skipping exact zeros."""
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    for r in range(score.shape[0]):
+        order = sorted(range(score.shape[1]), key=lambda j: -float(score[r, j]))
+        for j in order[:k]:
+            keep[r, j] = float(score[r, j]) != 0.0
+    return keep
+
+
+@pytest.mark.parametrize("scope", ["token", "global"])
+@pytest.mark.parametrize("score", ["gate", "magnitude"])
+def test_topk_never_activates_relu_zeros(score, scope):
+    """On a ReLU model a token may have fewer than k nonzero gates: Top-k keeps those only
+    (the official code masks |gate| < 1e-18), so exact zeros never count as activated."""
+    model = build_tiny_relu_llama()
+    ratio = 0.8  # k = 30 of 37 per token, more than most tokens' nonzero gates
+    _, masks, cap = run_rule(model, TopKRule(ratio, score=score, scope=scope), ids())
+    for s in cap.sites:
+        ranked = (cap.gate[s.index] if score == "gate" else cap.before[s.index]).abs()  # [3, 13, 37]
+        zero = ranked == 0
+        assert 0.3 < float(zero.float().mean()) < 0.7  # ReLU zeros are there
+        keep = masks[s.index]
+        assert not bool((keep & zero).any())  # no zero is activated
+        if scope == "token":
+            k = round(ratio * TINY_D_FF)
+            brute = brute_top_k(ranked.reshape(-1, TINY_D_FF), k).view_as(keep)
+            nonzero = (~zero).sum(dim=-1)
+            assert bool((nonzero < k).any())  # tokens where k reaches into the zeros
+            assert torch.equal(keep.sum(dim=-1), nonzero.clamp_max(k))
+        else:
+            k = round(ratio * ranked.numel())
+            brute = brute_top_k(ranked.reshape(1, -1), k).view_as(keep)
+            assert int((~zero).sum()) < k and int(keep.sum()) == int((~zero).sum())
+        assert torch.equal(keep, brute)
+        assert torch.equal(cap.after[s.index], cap.before[s.index] * keep)
+
+
 @pytest.mark.parametrize("kw", [{"ratio": 0}, {"ratio": 1.5}, {"ratio": -0.1}, {"ratio": 0.5, "score": "abs"},
                                 {"ratio": 0.5, "scope": "batch"}])
 def test_topk_bad_arguments(kw):

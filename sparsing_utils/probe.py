@@ -1,0 +1,418 @@
+"""One model on one set of token blocks: the dense pass, exact CETT statistics, sparse passes.
+
+The probe is the measuring instrument of PPL-p% sparsity (Luo et al. 2024, Sec. 3.1;
+PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.search`.
+
+* :meth:`SparsityProbe.prepare` runs the dense pass once: dense PPL; each layer's CETT curve
+  on a grid of thresholds, estimated on the first ``curve_tokens`` tokens through a random
+  projection of ``W_down`` (a guide only); in memory mode, the activations ``a`` of every layer.
+* :meth:`SparsityProbe.thresholds_for` finds per-layer thresholds whose *exact* mean CETT
+  (Eq. 2, on all tokens) is a target ``c``: a first guess from the curve, then secant steps.
+* :meth:`SparsityProbe.sparse_pass` runs the model under a rule: PPL and activation ratios.
+
+Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
+tokens); ``"stream"`` keeps nothing and recomputes the dense pass whenever exact CETT
+statistics are needed, accumulating them chunk by chunk inside the hooks (peak memory does
+not grow with layers x tokens). A memory-mode probe whose activations were dropped with
+:meth:`SparsityProbe.release` computes further statistics as stream mode does. Under
+``torch.distributed`` every sum (losses, token counts, histograms, CETT sums) is
+all-reduced, so each rank can hold a different shard of blocks.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cett import (
+    CETTCurve,
+    NormHistogram,
+    cett_statistics,
+    interpolate_thresholds,
+    neuron_norms,
+    refine_thresholds,
+    sketch_weight,
+)
+from .ffn import FFNSite, find_ffn_sites, read_activations
+from .rules import SparsityRule, apply_rule
+
+__all__ = ["SparsityProbe", "PassStats", "DEFAULT_LEVELS"]
+
+# Activation-ratio levels at which each layer's CETT curve is sampled (geometric, 0.2%..98%).
+DEFAULT_LEVELS = tuple(float(x) for x in torch.logspace(math.log10(0.002), math.log10(0.98), 24))
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class TokenRows:
+    """The real (non-padding) tokens of the batch being run, for hooks that see ``[batch, seq, ...]``.
+
+    :meth:`SparsityProbe._run` calls :meth:`next_batch` with each batch's attention mask
+    before its forward; hooks then call the object on a tensor to get its real-token rows.
+    ``start:stop`` is where those tokens sit among all real tokens of the run (the
+    columns of per-token statistics).
+    """
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None  # [batch, seq] bool
+        self.all_valid = True
+        self.start = self.stop = 0
+
+    def next_batch(self, mask: torch.Tensor) -> None:
+        self.valid = mask.bool()
+        self.all_valid = bool(self.valid.all())
+        self.start = self.stop
+        self.stop = self.start + (self.valid.numel() if self.all_valid else int(self.valid.sum()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding,
+        which avoids a copy and a device synchronisation)."""
+        return x.reshape(-1, *x.shape[2:]) if self.all_valid else x[self.valid.to(x.device)]
+
+
+@dataclass
+class PassStats:
+    """One forward pass over all blocks (dense or sparse)."""
+
+    nll_sum: float
+    n_predicted: int
+    layer_active: torch.Tensor | None = None  # [layers] activated fraction
+    layer_token_active: torch.Tensor | None = None  # [layers, tokens] activated fraction (float16)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / max(1, self.n_predicted))
+
+    @property
+    def activation_ratio(self) -> float:
+        return float(self.layer_active.mean()) if self.layer_active is not None else 1.0
+
+    @property
+    def token_active(self) -> torch.Tensor | None:  # [tokens]
+        return None if self.layer_token_active is None else self.layer_token_active.float().mean(dim=0)
+
+
+class SparsityProbe:
+    """One model on one set of token blocks: the dense pass is computed once, here.
+
+    Parameters: ``blocks`` is a :class:`~sparsing_utils.blocks.TokenBlocks` (or anything with
+    ``input_ids`` and ``attention_mask`` ``[n_blocks, block_len]``); ``mode`` is ``"memory"``
+    or ``"stream"``. The CETT curves that guide the exact threshold search are estimated on the
+    first ``curve_tokens`` tokens, through a ``sketch_dim``-dimensional random projection.
+    With ``calibration`` (another probe on the same model), thresholds come from the
+    calibration tokens and PPL from these.
+    """
+
+    def __init__(self, model: nn.Module, blocks, *, mode: str = "memory", batch_size: int | None = None,
+                 sketch_dim: int = 64, curve_tokens: int = 1024, levels: Sequence[float] = DEFAULT_LEVELS,
+                 progress: bool = False, name: str = "model", sites: Sequence[FFNSite] | None = None,
+                 calibration: SparsityProbe | None = None):
+        if mode not in ("memory", "stream"):
+            raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
+        self.model = model
+        self.name = name
+        if calibration is not None and calibration.model is not model:
+            raise ValueError("the calibration probe must wrap the same model object")
+        self.calibration = calibration
+        self.mode = mode
+        self.progress = progress
+        self.sites = list(sites) if sites is not None else find_ffn_sites(model)
+        self.device = _model_device(model)
+        ids = blocks.input_ids
+        mask = getattr(blocks, "attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise ValueError(f"token blocks must be [n_blocks, block_len >= 2], got {tuple(ids.shape)}")
+        self.input_ids, self.attention_mask = ids, mask
+        block_len = ids.shape[1]
+        if batch_size is None:
+            budget = 32768 if self.device.type == "cuda" else 4096
+            batch_size = max(1, budget // block_len)
+        self.batch_size = int(batch_size)
+        self.sketch_dim = int(sketch_dim)
+        self.curve_tokens = int(curve_tokens)
+        self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
+        self.col_norms = [s.column_norms().to(s.module.weight.device) for s in self.sites]
+        self.dense: PassStats | None = None
+        self.curve: CETTCurve | None = None
+        self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            fewest = torch.tensor(float(ids.shape[0]), device=self.device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            if fewest.item() < 1:  # a rank without blocks would wait forever in the hooks' all-reduces
+                raise ValueError(f"a process has no token blocks ({dist.get_world_size()} processes): "
+                                 "use more blocks or fewer processes")
+        self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
+        self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
+        self.sparse_passes = 0
+        self.dense_passes = 0
+        self.cett_evaluations = 0
+        self._threshold_cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- passes ---------------------------------------------------------------------------
+    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
+        for i in range(0, len(idx), self.batch_size):
+            sel = idx[i:i + self.batch_size]
+            yield (self.input_ids[sel].to(self.device, non_blocking=True),
+                   self.attention_mask[sel].to(self.device, non_blocking=True))
+
+    def _progress(self, desc: str, blocks: Sequence[int] | None = None):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        n = self.input_ids.shape[0] if blocks is None else len(blocks)
+        return tqdm(total=math.ceil(n / self.batch_size), desc=desc, leave=False)
+
+    @torch.no_grad()
+    def _run(self, desc: str, rows: TokenRows | None = None, blocks: Sequence[int] | None = None,
+             compute_loss: bool = True) -> tuple[float, int]:
+        """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
+        ``rows`` (for the hooks) is moved to each batch before its forward."""
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        bar = self._progress(desc, blocks)
+        try:
+            for ids, mask in self._batches(blocks):
+                if rows is not None:
+                    rows.next_batch(mask)
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if compute_loss:
+                    logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
+                    target = ids[:, 1:]
+                    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                           reduction="none").view_as(target)
+                    loss = torch.where(valid, loss, torch.zeros_like(loss))
+                    if not torch.isfinite(loss).all():
+                        raise FloatingPointError(
+                            f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
+                            "on this text; load it in float32 (dtype='float32') or check the input ids")
+                    nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
+                    count += valid.sum().to(self.device)
+                del out
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        _all_reduce(nll)
+        _all_reduce(count)
+        return float(nll), int(count)
+
+    def prepare(self) -> SparsityProbe:
+        """The dense pass (once): dense PPL, stored activations (memory mode), then the
+        per-layer CETT curves on the first ``curve_tokens`` tokens. With a calibration
+        probe, only the dense PPL is computed here; thresholds come from the calibration."""
+        if self.dense is not None:
+            return self
+        if self.calibration is not None:
+            self.calibration.prepare()
+            nll, count = self._run(f"dense pass ({self.name})")
+            self.dense_passes += 1
+            if count == 0:
+                raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
+            self.dense = PassStats(nll, count)
+            self.curve = self.calibration.curve
+            return self
+        layers = len(self.sites)
+        acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
+        ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
+        cett_sum = torch.zeros(layers, len(self.levels) + 1, dtype=torch.float64, device=self.device)
+        tokens = torch.zeros(layers, 1, dtype=torch.float64, device=self.device)
+        grids: dict[int, torch.Tensor] = {}
+        sketches = {s.index: sketch_weight(s.weight_t().detach(), self.sketch_dim, seed=s.index) for s in self.sites}
+        rows = TokenRows()
+        finite = torch.ones(layers, dtype=torch.bool, device=self.device)  # checked after the pass
+
+        def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
+            i = site.index
+            av = rows(a)  # [tokens, d_ff]
+            finite[i] &= torch.isfinite(av).all().to(self.device)
+            yn = rows(y).float().norm(dim=-1)  # [tokens]
+            if i not in grids:  # the first batch places the grid (quantiles of its norms)
+                grids[i] = self._grid(i, av[: self.curve_tokens])
+            room = self.curve_tokens - int(tokens[i])
+            if room > 0:
+                c, _ = cett_statistics(av[:room], sketches[i], self.col_norms[i], grids[i], yn[:room])
+                cett_sum[i] += c.to(self.device)
+                tokens[i] += min(room, av.shape[0])
+            if self.mode == "memory":
+                acts[i].append(av)
+                ynorms[i].append(yn)
+
+        def check_activations():
+            if not bool(finite.all()):
+                bad = self.sites[int((~finite).nonzero()[0])].name
+                raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
+                                         "this input; load it in float32 (dtype='float32') or check the input ids")
+
+        try:
+            with read_activations(self.model, read, sites=self.sites, with_output=True):
+                nll, count = self._run(f"dense pass ({self.name})", rows)
+        except FloatingPointError:
+            check_activations()  # name the first layer that went non-finite, if one did
+            raise
+        self.dense_passes += 1
+        check_activations()
+        if count == 0:
+            raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
+        self.dense = PassStats(nll, count)
+        if self.mode == "memory":
+            self._acts = [torch.cat(x) for x in acts]
+            self._ynorm = [torch.cat(x) for x in ynorms]
+        _all_reduce(cett_sum)
+        _all_reduce(tokens)
+        grid = torch.stack([grids[s.index].to(self.device) for s in self.sites])  # [layers, K+1]
+        self.curve = CETTCurve(grid.float().cpu(), (cett_sum / tokens.clamp_min(1)).float().cpu())
+        return self
+
+    def _grid(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """Candidate thresholds of one layer: 0, then the norm quantiles at which the
+        activation ratio is each of ``levels`` (ascending), from one batch of activations
+        (identical on every process under torch.distributed)."""
+        hist = NormHistogram(1, device=a.device)
+        hist.add(0, neuron_norms(a, self.col_norms[layer]))
+        hist.all_reduce()
+        q = hist.quantiles(1 - self.levels)[0].sort().values  # [K]
+        return torch.cat([torch.zeros(1, device=q.device), q])
+
+    def _cett_sums(self, eps: torch.Tensor, todo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact CETT sums at per-layer thresholds ``eps [layers, M]`` for the layers in
+        ``todo [layers]``: ``(cett_sum [layers, M], tokens [layers, 1])`` (float64, CPU,
+        all-reduced). Reads the stored activations when there are some (memory mode, before
+        :meth:`release`); otherwise runs a dense pass and accumulates inside the hooks."""
+        layers, m = eps.shape
+        cett_sum = torch.zeros(layers, m, dtype=torch.float64, device=self.device)
+        tokens = torch.zeros(layers, 1, dtype=torch.float64, device=self.device)
+        self.cett_evaluations += 1
+
+        def add(site: FFNSite, a: torch.Tensor, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
+            i = site.index
+            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm)
+            cett_sum[i] += c.to(self.device)
+            tokens[i] += a.shape[0]
+
+        if self._acts is not None:
+            for site in self.sites:
+                if bool(todo[site.index]):
+                    add(site, self._acts[site.index], self._ynorm[site.index])
+        else:
+            rows = TokenRows()
+
+            def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
+                if bool(todo[site.index]):
+                    add(site, rows(a), rows(y).float().norm(dim=-1))
+
+            with read_activations(self.model, read, sites=self.sites, with_output=True):
+                self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
+            self.dense_passes += 1
+        _all_reduce(cett_sum)
+        _all_reduce(tokens)
+        return cett_sum.cpu(), tokens.clamp_min(1).cpu()
+
+    def layer_cett(self, eps: torch.Tensor) -> torch.Tensor:
+        """Exact mean CETT of each layer at thresholds ``eps [layers]`` on all tokens."""
+        self.prepare()
+        if self.calibration is not None:
+            return self.calibration.layer_cett(eps)
+        s, t = self._cett_sums(eps.reshape(-1, 1).float(), torch.ones(len(self.sites), dtype=torch.bool))
+        return (s / t).squeeze(1).float()
+
+    def thresholds_for(self, c: float, *, exact: bool = True, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer thresholds whose mean CETT is ``c``: ``(eps [layers], cett [layers])``.
+
+        ``exact=False`` interpolates the CETT curve (its CETT column is then ``c``, an
+        estimate); ``exact=True`` refines on all tokens until every layer is within ``tol``.
+        Every exact evaluation is kept and merged into the curve, so later targets near
+        earlier ones start from a close guess and usually need a single check.
+        """
+        self.prepare()
+        if self.calibration is not None:
+            return self.calibration.thresholds_for(c, exact=exact, tol=tol)
+        if not exact:
+            eps = interpolate_thresholds(self._known_curve(), c)
+            return eps, torch.full_like(eps, float(c))
+        key = round(float(c), 12)
+        if key in self._threshold_cache:
+            return self._threshold_cache[key]
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def evaluate(eps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:  # [layers] -> [layers]
+            active = active.cpu()
+            s, t = self._cett_sums(eps.reshape(-1, 1), active)
+            cett = (s / t).squeeze(1)
+            seen.append((torch.where(active, eps.cpu(), torch.nan), torch.where(active, cett.float(), torch.nan)))
+            return cett
+
+        eps, cett, _ = refine_thresholds(evaluate, self._known_curve(), float(c), tol=tol)
+        self._exact_points.extend(seen)
+        self._threshold_cache[key] = (eps, cett)
+        return eps, cett
+
+    def _known_curve(self) -> CETTCurve:
+        """The subsample curve plus every exact (all-token) evaluation made so far."""
+        if not self._exact_points:
+            return self.curve
+        e = torch.stack([p[0] for p in self._exact_points], dim=1)  # [layers, M]
+        c = torch.stack([p[1] for p in self._exact_points], dim=1)
+        # Layers not evaluated at a point repeat a grid point (no information added).
+        missing = torch.isnan(e)
+        e = torch.where(missing, self.curve.eps[:, :1].expand_as(e), e)
+        c = torch.where(missing, self.curve.cett[:, :1].expand_as(c), c)
+        return self.curve.add_points(e, c)
+
+    def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True) -> PassStats:
+        """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded)."""
+        self.prepare()
+        layers = len(self.sites)
+        active = torch.zeros(layers, dtype=torch.float64, device=self.device)
+        local_tokens = int(self.attention_mask.sum())
+        per_tok = torch.zeros(layers, local_tokens, dtype=torch.float32, device=self.device) if per_token else None
+        rows = TokenRows()
+
+        def record(site: FFNSite, keep: torch.Tensor):  # keep [batch, seq, d_ff]
+            counts = rows(keep.sum(dim=-1, dtype=torch.float32)).to(self.device)  # [tokens]
+            active[site.index] += counts.sum(dtype=torch.float64)
+            if per_tok is not None:
+                per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
+
+        # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
+        with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
+            nll, count = self._run(f"sparse pass ({self.name})", rows)
+        self.sparse_passes += 1
+        _all_reduce(active)
+        d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
+        layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
+        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None)
+
+    def activations(self, layer: int) -> torch.Tensor:
+        """The stored dense activations ``a`` of one layer, ``[tokens, d_ff]`` (memory mode)."""
+        self.prepare()
+        if self._acts is None:
+            raise ValueError("activations are kept only in memory mode (mode='memory'), before release()")
+        return self._acts[layer]
+
+    def release(self) -> None:
+        """Drop the stored activations (memory mode). Later exact CETT statistics (e.g. a
+        :meth:`thresholds_for` target not computed yet) rerun the dense pass, as stream mode does."""
+        self._acts = self._ynorm = None
