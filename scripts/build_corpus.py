@@ -50,9 +50,10 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -206,8 +207,8 @@ PROSE_MIN_CHARS = 400                # index pages, stubs, redirects
 PROSE_MIN_ENGLISH = 0.12             # textclean.english_score below this: not English (or a table/word list)
 PROSE_MAX_DOC_CHARS = 100_000        # longer documents are cut at paragraph breaks (finer held-out sampling)
 
-HELDOUT_FRACTION = {"prose": 0.04, "code": 0.02}
-TOKENIZER_SAMPLE_CHARS = {"prose": 24_000_000, "code": 24_000_000}
+HELDOUT_FRACTION = {"prose": 0.04, "code": 0.03}
+TOKENIZER_SAMPLE_CHARS = {"prose": 16_000_000, "code": 16_000_000}
 
 
 class CorpusError(ValueError):
@@ -312,7 +313,8 @@ def fetch_package(package: str, cache: Path) -> tuple[Path, str, str]:
     deb = _deb_path(debs, package)
     if deb is None:
         _log(f"  apt-get download {package}")
-        result = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+        result = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True,
+                                check=False)
         deb = _deb_path(debs, package)
         if result.returncode != 0 or deb is None:
             raise CorpusError(f"apt-get download {package} failed: {result.stderr.strip()[-500:]}. "
@@ -548,10 +550,10 @@ def default_code_roots() -> list[Path]:
 
 def list_code_files(root: Path) -> tuple[list[str], dict[str, int]]:
     """Sorted relative paths of the ``.py`` files of ``root`` minus the dropped folders/names."""
-    found, dropped = [], {"test_or_vendored_dir": 0, "test_or_generated_name": 0}
+    found, dropped = [], {"test_or_vendored_dirs": 0, "test_or_generated_name": 0}
     for dirpath, dirnames, filenames in os.walk(root):
         kept = sorted(d for d in dirnames if d not in CODE_DROP_DIRS and not d.endswith((".dist-info", ".egg-info")))
-        dropped["test_or_vendored_dir"] += sum(d in CODE_DROP_DIRS for d in dirnames)
+        dropped["test_or_vendored_dirs"] += sum(d in CODE_DROP_DIRS for d in dirnames)
         dirnames[:] = kept
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
@@ -1031,7 +1033,8 @@ def stage_vocab(args) -> None:
     result = {"sample_chars": {d: sum(map(len, t)) for d, t in sample.items()},
               "eval_chars": {d: sum(map(len, t)) for d, t in evaluation.items()},
               "tokenizers": rows, "head_share": table,
-              "command": "python scripts/build_corpus.py vocab " + " ".join(f"--vocab-sizes {v}" for v in args.vocab_sizes)}
+              "command": "python scripts/build_corpus.py vocab --vocab-sizes " + " ".join(map(str, args.vocab_sizes))
+              + ("" if args.sample_chars is None else f" --sample-chars {args.sample_chars}")}
     atomic_write_json(args.vocab_study, result)
     _log(f"vocab study -> {args.vocab_study}")
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import html
 import html.parser
 import re
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["CONVERTERS", "english_score", "tidy", "to_text"]
 
@@ -60,11 +60,13 @@ def tidy(text: str) -> str:
 _SKIP_TAGS = {"head", "script", "style", "nav", "header", "footer", "noscript", "svg", "math", "form",
               "button", "select", "textarea", "template", "iframe", "object"}
 # class / id / role tokens (whole tokens, compared in lower case) that mark navigation and chrome
-_SKIP_MARKERS = frozenset(
-    "related sphinxsidebar sphinxsidebarwrapper sidebar sidebar-scrollbox navheader navfooter navigation navbar "
-    "nav breadcrumb breadcrumbs toc headerlink footer searchbox search menu menu-bar sidetoc nav-chapters "
-    "nav-wrapper mobile-nav-chapters skip-link toctree-wrapper rustdoc-breadcrumbs banner docnav".split()
+_SKIP_MARKER_WORDS = (
+    "related sphinxsidebar sphinxsidebarwrapper sidebar sidebar-scrollbox navheader navfooter navigation "
+    "navbar nav breadcrumb breadcrumbs toc headerlink footer searchbox search menu menu-bar sidetoc "
+    "nav-chapters nav-wrapper mobile-nav-chapters skip-link toctree-wrapper rustdoc-breadcrumbs banner "
+    "docnav"
 )
+_SKIP_MARKERS = frozenset(_SKIP_MARKER_WORDS.split())
 _BLOCK_TAGS = {"p", "div", "section", "article", "main", "aside", "blockquote", "dl", "dt", "dd", "ul", "ol",
                "table", "thead", "tbody", "tr", "caption", "figure", "figcaption", "address", "center",
                "h1", "h2", "h3", "h4", "h5", "h6", "hr", "pre", "li",
@@ -431,7 +433,7 @@ def info_to_text(source: str) -> str:
                 in_menu = True
                 continue
             if in_menu:
-                if line.startswith("* ") or not line.strip() or line.startswith(" "):
+                if line.startswith(("* ", " ")) or not line.strip():
                     continue
                 in_menu = False
             if (line.startswith("This is ") and "produced by makeinfo" in line) or line.startswith("Info file:"):
@@ -475,11 +477,12 @@ def to_text(source: str, markup: str) -> str:
 # language filter
 # ----------------------------------------------------------------------------------------
 
-_FUNCTION_WORDS = frozenset(
-    "the of and to a in is that it for as with was on be by this are or not from at an which have you if can "
-    "but all will one has when there their they its we more these other been also only use used may would "
-    "then so than into each such should must what how does do any".split()
+_FUNCTION_WORD_LIST = (
+    "the of and to a in is that it for as with was on be by this are or not from at an which have you if "
+    "can but all will one has when there their they its we more these other been also only use used may "
+    "would then so than into each such should must what how does do any"
 )
+_FUNCTION_WORDS = frozenset(_FUNCTION_WORD_LIST.split())
 _WORD = re.compile(r"[A-Za-z]+")
 
 
