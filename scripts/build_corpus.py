@@ -634,7 +634,11 @@ def _code_task(paths: list[str]) -> list[tuple[int, str, str, np.ndarray | None]
     out: list = []
     texts, slots = [], []
     for path in paths:
-        raw = Path(path).read_bytes()
+        try:
+            raw = Path(path).read_bytes()
+        except OSError:  # a dangling symlink, a file removed meanwhile, no permission
+            out.append([0, "", "unreadable", None, 0])
+            continue
         text, why = _code_check(raw)
         out.append([len(raw), sha256(raw), why, None, len(text) if text else 0])
         if text is not None:
@@ -907,7 +911,10 @@ def tokenizer_sample(archive: Path, roots: list[Path], chars: dict[str, int],
     for root in roots:
         rels, _ = list_code_files(root)
         for rel in rels:
-            raw = (root / rel).read_bytes()
+            try:
+                raw = (root / rel).read_bytes()
+            except OSError:
+                continue
             text, _ = _code_check(raw)
             digest = sha256(raw)
             if text is None or digest in seen or heldout_key(digest) < heldout["code"]:
@@ -936,7 +943,10 @@ def heldout_texts(archive: Path, roots: list[Path], heldout: dict[str, float], c
             out["prose"].append((digest, doc["text"]))
     for root in roots:
         for rel in list_code_files(root)[0]:
-            raw = (root / rel).read_bytes()
+            try:
+                raw = (root / rel).read_bytes()
+            except OSError:
+                continue
             text, _ = _code_check(raw)
             if text is not None and heldout_key(sha256(raw)) < heldout["code"]:
                 out["code"].append((sha256(raw), text))

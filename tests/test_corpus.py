@@ -62,6 +62,7 @@ def write_code(root: Path) -> Path:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (root / "pkg" / "dangling.py").symlink_to(root / "nowhere.py")  # unreadable: dropped, not a crash
     return root
 
 
@@ -147,7 +148,7 @@ def test_roundtrip_and_eos_between_documents(built):
 def test_code_filters_and_dedupe(built):
     meta = json.loads((built / "meta.json").read_text())
     assert meta["code_dropped"] == {"duplicate": 1, "empty": 1, "long_lines": 1, "not_utf8": 1,
-                                    "test_or_generated_name": 1, "test_or_vendored_dirs": 2}
+                                    "test_or_generated_name": 1, "test_or_vendored_dirs": 2, "unreadable": 1}
     assert meta["domains"]["code"]["docs"]["train"] + meta["domains"]["code"]["docs"]["heldout"] == 5
 
 
