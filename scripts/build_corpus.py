@@ -811,6 +811,12 @@ def stage_shards(args) -> dict:
     t0 = time.perf_counter()
     splits = {"prose": split_docs(prose_docs, args.heldout_prose, eos_id),
               "code": split_docs(code_docs, args.heldout_code, eos_id)}
+    for name in splits:
+        if splits[name]["heldout"]["docs"] == 0:
+            raise CorpusError(f"the held-out {name} split is empty; raise --heldout-{name}")
+        if splits[name]["heldout"]["tokens"] < args.min_heldout_tokens:
+            _log(f"WARNING: held-out {name} has {splits[name]['heldout']['tokens']:,} tokens, "
+                 f"below --min-heldout-tokens {args.min_heldout_tokens:,}; raise --heldout-{name}")
     files = {}
     for domain, parts in splits.items():
         for split, part in parts.items():
@@ -825,12 +831,6 @@ def stage_shards(args) -> dict:
     for domain, parts in splits.items():
         for arr in parts["train"]["arrays"]:
             counts[domain] += np.bincount(arr, minlength=vocab_size)
-    for name, frac in (("prose", args.heldout_prose), ("code", args.heldout_code)):
-        if splits[name]["heldout"]["docs"] == 0:
-            raise CorpusError(f"the held-out {name} split is empty; raise --heldout-{name}")
-        if splits[name]["heldout"]["tokens"] < args.min_heldout_tokens:
-            _log(f"WARNING: held-out {name} has {splits[name]['heldout']['tokens']:,} tokens, "
-                 f"below --min-heldout-tokens {args.min_heldout_tokens:,}; raise --heldout-{name}")
 
     train_tokens = {d: splits[d]["train"]["tokens"] for d in splits}
     total_train = sum(train_tokens.values())

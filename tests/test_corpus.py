@@ -362,3 +362,10 @@ def test_english_score_separates_languages():
     assert textclean.english_score(en) > 0.3
     assert textclean.english_score(de) < 0.05
     assert textclean.english_score("") == 0.0
+
+
+def test_empty_heldout_split_is_an_error_before_writing(inputs, tmp_path, capsys):
+    argv = shard_args(inputs, tmp_path / "out")
+    argv[argv.index("--heldout-prose") + 1] = "1e-12"
+    assert "held-out prose split is empty" in _error(capsys, argv)
+    assert not list((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / "meta.json").exists()
