@@ -21,8 +21,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Checkpoint", "checkpoint_name", "list_checkpoints", "check_checkpoint", "write_checkpoint",
-           "load_weights", "load_checkpoint_model", "prune_resume_files", "RESUME_FILES"]
+__all__ = [
+    "RESUME_FILES",
+    "Checkpoint",
+    "check_checkpoint",
+    "checkpoint_name",
+    "list_checkpoints",
+    "load_checkpoint_model",
+    "load_weights",
+    "prune_resume_files",
+    "write_checkpoint",
+]
 
 _NAME = re.compile(r"tokens-(\d{12})")
 RESUME_FILES = ("optimizer.pt", "trainer_state.pt")

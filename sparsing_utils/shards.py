@@ -23,14 +23,14 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "Corpus", "open_corpus", "PackedSampler", "write_corpus"]
+__all__ = ["FORMAT", "Corpus", "PackedSampler", "open_corpus", "write_corpus"]
 
 FORMAT = "sparsing-shards/1"
 _DTYPE = np.dtype("<u2")
@@ -69,8 +69,8 @@ class Corpus:
             "format": self.meta.get("format"),
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
-            "train_tokens": {d: int(len(a)) for d, a in sorted(self.train.items())},
-            "heldout_tokens": {d: int(len(a)) for d, a in sorted(self.heldout.items())},
+            "train_tokens": {d: len(a) for d, a in sorted(self.train.items())},
+            "heldout_tokens": {d: len(a) for d, a in sorted(self.heldout.items())},
             "unique_tokens": self.meta.get("unique_tokens"),
             "builder": self.meta.get("builder"),
             "sources": [{k: s.get(k) for k in ("name", "version", "n_files", "n_chars", "sha256") if k in s}

@@ -30,12 +30,12 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-__all__ = ["track", "throughput_summary", "pattern_statistics", "DEAD_FREQUENCY"]
+__all__ = ["DEAD_FREQUENCY", "pattern_statistics", "throughput_summary", "track"]
 
 DEAD_FREQUENCY = 1e-3  # a neuron activated on fewer than 0.1% of tokens is dead (the paper's definition)
 FORMAT = "sparsing-run/1"
@@ -71,7 +71,7 @@ def throughput_summary(run_dir: str | os.PathLike, *, skip_fraction: float = 0.1
         elif "time" in r and segments:
             segments[-1][1] = r["time"]
     wall = sum(b - a for a, b in segments)
-    idx = sorted({int(round(i)) for i in torch.logspace(0, math.log10(len(train)), 256).tolist()})
+    idx = sorted({round(i) for i in torch.logspace(0, math.log10(len(train)), 256).tolist()})
     curve = [train[i - 1] for i in idx if 1 <= i <= len(train)]
     return {
         "tokens_per_s": _sig(statistics.median(r["tokens_per_s"] for r in steady), 5),
@@ -186,7 +186,7 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
                          f"{plan['corpus_vocab_size']}: pass the run's corpus (--corpus)")
     block_len = int(block_len or min(cfg.seq_len, 512))
     mixture = saved.get("mixture") or {d: 1.0 / len(corp.heldout) for d in corp.heldout}
-    split = {d: max(block_len, int(round(tokens * w / block_len)) * block_len)
+    split = {d: max(block_len, round(tokens * w / block_len) * block_len)
              for d, w in sorted(mixture.items()) if w > 0 and d in corp.heldout}
     if not split:
         raise ValueError(f"corpus {corp.path} has no held-out split for the run's domains {sorted(mixture)}")

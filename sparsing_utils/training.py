@@ -33,18 +33,31 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrainConfig", "RunPlan", "H200_BF16_DENSE_FLOPS", "ACTIVATIONS", "DECAY_SHAPES", "make_plan",
-           "checkpoint_steps", "build_model", "non_embedding_params", "flops_per_token", "Trainer", "train",
-           "load_run_config", "code_version"]
+__all__ = [
+    "ACTIVATIONS",
+    "DECAY_SHAPES",
+    "H200_BF16_DENSE_FLOPS",
+    "RunPlan",
+    "TrainConfig",
+    "Trainer",
+    "build_model",
+    "checkpoint_steps",
+    "code_version",
+    "flops_per_token",
+    "load_run_config",
+    "make_plan",
+    "non_embedding_params",
+    "train",
+]
 
 H200_BF16_DENSE_FLOPS = 989.4e12  # NVIDIA H200 SXM datasheet: bf16 tensor 1,979 TFLOPS with sparsity -> dense half
 
@@ -119,7 +132,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TrainConfig":
+    def from_dict(cls, d: Mapping) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -132,7 +145,7 @@ class TrainConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_json(cls, path: str | os.PathLike) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -162,7 +175,7 @@ class TrainConfig:
             return int(self.d_ff)
         ratio = 8.0 / 3.0 if self.ffn_ratio is None else float(self.ffn_ratio)
         m = max(1, int(self.ffn_multiple))
-        return max(m, int(round(ratio * self.hidden_size / m)) * m)
+        return max(m, round(ratio * self.hidden_size / m) * m)
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ``ValueError`` listing every problem (``NotImplementedError`` for MoE, issue 10)."""
@@ -186,9 +199,10 @@ class TrainConfig:
 
         need(self.activation in ACTIVATIONS,
              f"unknown activation {self.activation!r}: use one of {sorted(ACTIVATIONS)}")
-        shapes_ok = all([positive_int(n) for n in ("hidden_size", "num_layers", "num_heads", "seq_len",
-                                                   "global_batch_tokens", "n_checkpoints", "log_every",
-                                                   "keep_resume_states", "vocab_multiple", "ffn_multiple")])
+        checked = [positive_int(n) for n in ("hidden_size", "num_layers", "num_heads", "seq_len", "global_batch_tokens",
+                                             "n_checkpoints", "log_every", "keep_resume_states", "vocab_multiple",
+                                             "ffn_multiple")]  # every field checked, so every problem is listed
+        shapes_ok = all(checked)
         if self.num_kv_heads is not None:
             shapes_ok &= positive_int("num_kv_heads")
         if shapes_ok:
@@ -278,7 +292,7 @@ def checkpoint_steps(total_steps: int, n: int, first_fraction: float, extra: tup
     if total_steps < n:
         raise ValueError(f"{total_steps} training steps cannot hold {n} checkpoints: train longer or use a "
                          "smaller global batch")
-    s0 = min(max(1, int(round(first_fraction * total_steps))), total_steps - n + 1)
+    s0 = min(max(1, round(first_fraction * total_steps)), total_steps - n + 1)
     k = n
     while True:
         pts = np.unique(np.round(np.geomspace(s0, total_steps, k)).astype(np.int64))
@@ -355,8 +369,8 @@ def make_plan(cfg: TrainConfig, corpus_vocab_size: int, world_size: int = 1) -> 
         steps = cfg.total_tokens // cfg.global_batch_tokens
     else:
         steps = math.ceil(cfg.tokens_per_param * n / cfg.global_batch_tokens)
-    warmup = int(round(cfg.warmup_fraction * steps))
-    decay_start = steps - int(round(cfg.decay_fraction * steps))
+    warmup = round(cfg.warmup_fraction * steps)
+    decay_start = steps - round(cfg.decay_fraction * steps)
     if decay_start <= warmup:
         raise ValueError(f"{steps} steps leave no stable stage between warmup ({warmup} steps) and decay "
                          f"(from step {decay_start}): train longer or shorten warmup/decay")
@@ -410,7 +424,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -583,11 +597,12 @@ def code_version() -> dict:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     out = {"package": __version__, "source_sha256": h.hexdigest()[:16], "git_commit": None, "git_dirty": None}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        r = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        r = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           check=False)
         if r.returncode == 0:
             out["git_commit"] = r.stdout.strip()
             s = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=5)
+                               text=True, timeout=5, check=False)
             out["git_dirty"] = bool(s.stdout.strip()) if s.returncode == 0 else None
     return out
 

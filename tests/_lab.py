@@ -37,9 +37,9 @@ def tiny_config(corpus, **kw):
     micro-batches of 4 (2 accumulation steps), 40 steps, 20 log-spaced checkpoints + 2."""
     from sparsing_utils.training import TrainConfig
 
-    base = dict(hidden_size=24, num_layers=2, num_heads=3, num_kv_heads=1, d_ff=37, vocab_multiple=1,
-                seq_len=16, global_batch_tokens=16 * 8, micro_batch_size=4, total_tokens=16 * 8 * 40,
-                corpus=str(corpus), heldout_tokens=17 * 16, log_every=1, n_checkpoints=20, lr=1e-2,
-                warmup_fraction=0.05, decay_fraction=0.1, seed=3, name="tiny")
+    base = {"hidden_size": 24, "num_layers": 2, "num_heads": 3, "num_kv_heads": 1, "d_ff": 37, "vocab_multiple": 1,
+                "seq_len": 16, "global_batch_tokens": 16 * 8, "micro_batch_size": 4, "total_tokens": 16 * 8 * 40,
+                "corpus": str(corpus), "heldout_tokens": 17 * 16, "log_every": 1, "n_checkpoints": 20, "lr": 1e-2,
+                "warmup_fraction": 0.05, "decay_fraction": 0.1, "seed": 3, "name": "tiny"}
     base.update(kw)
     return TrainConfig(**base)
