@@ -119,7 +119,7 @@ class TrainConfig:
     decay_shape: str = "linear"
     min_lr_ratio: float = 0.1
     # -- checkpoints and logging ---------------------------------------------------------------
-    n_checkpoints: int = 24             # log-spaced in tokens (+ the last stable step and the final)
+    n_checkpoints: int = 24             # log-spaced in tokens, + the last stable step and the final
     first_checkpoint_fraction: float = 0.005
     keep_resume_states: int = 1         # optimizer/RNG files kept for the newest k checkpoints
     log_every: int = 10
@@ -287,18 +287,19 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
 
 
 def checkpoint_steps(total_steps: int, n: int, first_fraction: float, extra: tuple[int, ...] = ()) -> list[int]:
-    """At least ``n`` distinct step counts, log-spaced from ``first_fraction * total_steps`` to
-    ``total_steps`` (the last), plus ``extra`` (e.g. the last stable step)."""
-    if total_steps < n:
-        raise ValueError(f"{total_steps} training steps cannot hold {n} checkpoints: train longer or use a "
-                         "smaller global batch")
-    s0 = min(max(1, round(first_fraction * total_steps)), total_steps - n + 1)
-    k = n
+    """Step counts of the checkpoints: at least ``n`` distinct ones log-spaced from
+    ``first_fraction * total_steps`` up to (not counting) the final step, then the final one, plus
+    ``extra`` (e.g. the last stable step)."""
+    if total_steps <= n:
+        raise ValueError(f"{total_steps} training steps cannot hold {n} checkpoints before the final one: train "
+                         "longer or use a smaller global batch")
+    s0 = min(max(1, round(first_fraction * total_steps)), total_steps - n)
+    k = n + 1
     while True:
         pts = np.unique(np.round(np.geomspace(s0, total_steps, k)).astype(np.int64))
-        if len(pts) >= n:
+        if len(pts) >= n + 1:  # the last point is the final step
             break
-        k += max(1, (n - len(pts)) // 2)
+        k += max(1, (n + 1 - len(pts)) // 2)
     keep = {int(p) for p in pts} | {int(e) for e in extra if 1 <= e <= total_steps}
     return sorted(keep)
 

@@ -123,17 +123,17 @@ def test_warmup_stable_decay_values(tmp_path):
     assert cos.lr_at(89) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
 
 
-@pytest.mark.parametrize("total", [20, 37, 100, 3052, 10**6])
+@pytest.mark.parametrize("total", [21, 37, 100, 3052, 10**6])
 def test_checkpoint_positions_are_log_spaced(total):
     steps = checkpoint_steps(total, 20, 0.005, extra=(int(total * 0.9),))
-    assert len(steps) >= 20 and steps[-1] == total and steps[0] >= 1
+    assert len(steps) >= 21 and steps[-1] == total and steps[0] >= 1  # 20 before the final one
     assert all(a < b for a, b in itertools.pairwise(steps))  # monotone and unique
     assert int(total * 0.9) in steps
     if total >= 10**6:
         gaps = np.diff(np.log([s for s in steps if s != int(total * 0.9)]))
         assert gaps.std() < 0.01 * gaps.mean()  # geometric
     with pytest.raises(ValueError, match="cannot hold 20 checkpoints"):
-        checkpoint_steps(19, 20, 0.005)
+        checkpoint_steps(20, 20, 0.005)
 
 
 # -- accounting ---------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_training_learns_and_writes_checkpoints(full_run):
     losses = [x for _, x in _losses(full_run)]
     assert len(losses) == 40 and losses[0] > math.log(VOCAB) - 0.3 and losses[-1] < losses[0] - 1.5
     ckpts = list_checkpoints(full_run)
-    assert len(ckpts) >= 20 and ckpts[-1].step == 40 and ckpts[-1].stage == "decay"
+    assert len(ckpts) >= 22 and ckpts[-1].step == 40 and ckpts[-1].stage == "decay"
     held = [c.state["heldout_loss"] for c in ckpts]
     assert held[-1] < held[0] - 1.5
     assert [c.resumable for c in ckpts] == [False] * (len(ckpts) - 1) + [True]  # optimizer kept for the newest only
@@ -235,8 +235,8 @@ def test_resume_after_a_kill_gives_the_same_losses(full_run, corpus, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "killed"
     cfg = tiny_config(corpus)
-    train(cfg, out, device="cpu", progress=False, stop_after_steps=25)  # "killed" 2 steps after the checkpoint at 23
-    assert list_checkpoints(out)[-1].step == 23 and max(s for s, _ in _losses(out)) == 25
+    train(cfg, out, device="cpu", progress=False, stop_after_steps=26)  # "killed" 2 steps after the checkpoint at 24
+    assert list_checkpoints(out)[-1].step == 24 and max(s for s, _ in _losses(out)) == 26
     train(cfg, out, resume=True, device="cpu", progress=False)
     assert _losses(out) == _losses(full_run)  # bit-identical float32 losses, each step once
     from safetensors.torch import load_file
