@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     tr.add_argument("--corpus", default=None, help="corpus folder (overrides the config's 'corpus')")
     tr.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    tr.add_argument("--compile", dest="compile", action="store_true", default=None,
+                    help="torch.compile the decoder layers and the loss (overrides the config)")
+    tr.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (overrides the config)")
     tr.add_argument("--dry-run", action="store_true", help="check the config and corpus, print the plan, write nothing")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
@@ -115,6 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_json(args.config)
     if args.corpus:
         cfg = dataclasses.replace(cfg, corpus=args.corpus)
+    if args.compile is not None:
+        cfg = dataclasses.replace(cfg, compile=args.compile)
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=Path(args.out).name)
     if args.dry_run:

@@ -135,7 +135,7 @@ def _choose_mode(mode: str, device: torch.device, n_probes: int, tokens: int, cf
     if mode != "auto":
         return mode
     need = n_probes * tokens * plan["d_ff"] * cfg.num_layers * 4 * 1.1  # stored float32 activations
-    budget = (8 if device.type == "cuda" else 2) * 2**30
+    budget = (16 if device.type == "cuda" else 2) * 2**30
     return "memory" if need <= budget else "stream"
 
 

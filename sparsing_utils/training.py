@@ -401,18 +401,34 @@ def build_model(cfg: TrainConfig, plan: RunPlan, *, eos_id: int | None = None):
     return LlamaForCausalLM(hf)
 
 
+def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the LM head: ``hidden [b, T, d]``, ``weight [vocab, d]``, ``targets [b, T]``."""
+    logits = F.linear(hidden, weight)  # [b, T, vocab]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class NextTokenLoss(nn.Module):
     """Mean next-token cross-entropy of packed causal sequences ``[batch, seq_len + 1]``. No
-    attention mask tensor is passed, so SDPA takes its causal (flash) path."""
+    attention mask tensor is passed, so SDPA takes its causal (flash) path.
 
-    def __init__(self, model: nn.Module):
+    ``compile=True`` compiles regions, not the whole model: each decoder layer (one graph shared
+    by all layers) and the LM head with the loss. The causal mask is then decided outside the
+    compiled graphs, where transformers can skip it (under a whole-model compile some versions
+    build an explicit mask, which keeps SDPA off its flash kernel).
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool = False):
         super().__init__()
         self.model = model
+        self.head_loss = _head_loss
+        if compile:
+            for layer in model.model.layers:
+                layer.compile()
+            self.head_loss = torch.compile(_head_loss)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch, seq_len + 1]
         hidden = self.model.model(input_ids=tokens[:, :-1], use_cache=False).last_hidden_state  # [b, T, d]
-        logits = self.model.lm_head(hidden)  # [b, T, vocab]
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return self.head_loss(hidden, self.model.lm_head.weight, tokens[:, 1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +518,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else contextlib.nullcontext
         self.amp_dtype = "float32" if amp is None else str(amp).replace("torch.", "")
         self.model = build_model(cfg, self.plan, eos_id=corpus.eos_id).to(dev)
-        self.loss_module = NextTokenLoss(self.model)
-        fwd: nn.Module = torch.compile(self.loss_module) if cfg.compile else self.loss_module
+        self.loss_module = NextTokenLoss(self.model, compile=cfg.compile)
+        fwd: nn.Module = self.loss_module
         self.ddp = None
         if self.env.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -551,15 +567,19 @@ class Trainer:
         """Mean next-token loss on fixed held-out blocks ``[n, seq_len + 1]`` per domain (uncompiled)."""
         self.model.eval()
         out = {}
+        # compiled regions would compile a second (no-grad) graph for this; eager is fast enough here
+        eager = (torch.compiler.set_stance("force_eager") if self.cfg.compile and hasattr(torch.compiler, "set_stance")
+                 else contextlib.nullcontext())
         try:
             bs = max(1, self.plan.micro_batch_size)
-            for domain, ids in blocks.items():
-                nll = torch.zeros((), dtype=torch.float64, device=self.env.device)
-                for i in range(0, ids.shape[0], bs):
-                    batch = ids[i:i + bs].to(self.env.device)
-                    with self.autocast():
-                        nll += self.loss_module(batch).double() * batch.shape[0]
-                out[domain] = float(nll) / ids.shape[0]
+            with eager:
+                for domain, ids in blocks.items():
+                    nll = torch.zeros((), dtype=torch.float64, device=self.env.device)
+                    for i in range(0, ids.shape[0], bs):
+                        batch = ids[i:i + bs].to(self.env.device)
+                        with self.autocast():
+                            nll += self.loss_module(batch).double() * batch.shape[0]
+                    out[domain] = float(nll) / ids.shape[0]
         finally:
             self.model.train()
         return out

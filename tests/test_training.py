@@ -325,3 +325,47 @@ def test_recurrence_is_learnable_by_construction():
     x = recurrence(1000, 0, 7)
     follows = np.mean((5 * x[:-1] + 7) % VOCAB == x[1:])
     assert 0.85 < follows < 0.95
+
+
+# -- the sweeps and the benchmark, as the GPU session will run them --------------------------------
+
+def test_sweep_configs_are_in_sync_and_meet_the_issue():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_sweeps
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    files = make_sweeps.build()
+    for rel, payload in files.items():
+        assert json.loads((ROOT / rel).read_text()) == json.loads(json.dumps(payload)), f"{rel}: run scripts/make_sweeps.py"
+    plan = files["configs/plan.json"]
+    runs = {r["run"]: r for r in plan["runs"]}
+    for r in plan["runs"]:
+        cfg = TrainConfig.from_json(ROOT / r["config"])
+        p = make_plan(cfg, make_sweeps.VOCAB)
+        assert p.total_tokens >= 200 * p.non_embedding_params and len(p.checkpoint_steps) >= 21
+        assert p.decay_start in p.checkpoint_steps and p.grad_accum == 1 and cfg.compile
+    sizes = {runs[f"{a}-{s}"]["non_embedding_params"] for a in ("relu", "silu") for s in ("1m", "2m", "4m")}
+    assert len(sizes) == 3
+    wd = [r for r in plan["runs"] if "width_depth" in r["sweeps"]]
+    ratios = sorted(r["width_depth_ratio"] for r in wd)
+    assert len(wd) >= 6 and ratios[0] <= 2 and ratios[-1] >= 140
+    assert all(abs(r["non_embedding_params"] / 2e6 - 1) < 0.12 for r in wd)
+    assert len([r for r in plan["runs"] if "seeds" in r["sweeps"]]) == 3
+    assert TrainConfig.from_json(ROOT / runs["relu-2m-frac005"]["config"]).train_fraction == 0.05
+    assert [r["priority"] for r in plan["runs"]] == sorted(r["priority"] for r in plan["runs"])
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    """The speed benchmark's CPU path: one tiny config, one step after one warmup step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--device", "cpu",
+                        "--configs", "tiny-a", "--steps", "1", "--warmup", "1", "--vocab", "256", "--no-scaling",
+                        "--no-share", "--out", str(out)], env=env, capture_output=True, text=True, timeout=240,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["per_config"][0]
+    assert "error" not in row, row
+    assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0 and row["steps"] == 1
+    assert "training speed on cpu" in r.stdout
