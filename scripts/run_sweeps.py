@@ -89,6 +89,7 @@ class Run:
                "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
         env["CUDA_VISIBLE_DEVICES"] = "" if self.args.device == "cpu" else str(self.gpu)
         env.setdefault("OMP_NUM_THREADS", str(self.args.threads))
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(self.args.compile_threads))  # many compile at once
         return env
 
     def _spawn(self, cmd: list[str]) -> None:
@@ -154,11 +155,59 @@ def pack(args) -> None:
     os.replace(tmp, target)
 
 
+def simulate(entries: list[dict], gpus: list, args) -> int:
+    """The scheduler's decisions on the plan's estimates: each run spends ``--fixed-seconds`` off the
+    GPU (half before training, half after) and the rest training, sharing its GPU equally with the
+    other runs training there (processor sharing: no gain, no loss from running side by side)."""
+    dt, now = 1.0, 0.0
+    deadline = 60 * args.deadline_minutes if args.deadline_minutes else float("inf")
+    queue = list(entries)
+    active: list[dict] = []  # {"entry", "gpu", "pre", "gpu_left", "post", "start"}
+    timeline = []
+    while queue or active:
+        for e in list(queue):
+            load = {g: sum(1 for a in active if a["gpu"] == g) for g in gpus}
+            free = [g for g in gpus if load[g] < args.slots_per_gpu]
+            if not free:
+                break
+            g = min(free, key=lambda x: load[x])
+            if now + e["est_seconds"] > deadline:
+                queue.remove(e)
+                timeline.append((e["run"], None, None, None))
+                continue
+            if now + e["est_seconds"] * (load[g] + 1) > deadline:
+                continue
+            queue.remove(e)
+            fixed = min(args.fixed_seconds, e["est_seconds"])
+            active.append({"entry": e, "gpu": g, "pre": fixed / 2, "gpu_left": e["est_seconds"] - fixed,
+                           "post": fixed / 2, "start": now})
+        for a in list(active):
+            if a["pre"] > 0:
+                a["pre"] -= dt
+            elif a["gpu_left"] > 0:
+                a["gpu_left"] -= dt / sum(1 for b in active if b["gpu"] == a["gpu"] and b["pre"] <= 0 < b["gpu_left"])
+            else:
+                a["post"] -= dt
+                if a["post"] <= 0:
+                    active.remove(a)
+                    timeline.append((a["entry"]["run"], a["gpu"], a["start"], now))
+        now += dt
+    print(f"{'run':18} {'gpu':>3} {'start min':>9} {'end min':>7}")
+    for run, gpu, start, end in sorted(timeline, key=lambda t: (t[2] is None, t[2] or 0)):
+        print(f"{run:18} {'' if gpu is None else gpu!s:>3} " +
+              (f"{start / 60:9.1f} {end / 60:7.1f}" if start is not None else "  skipped (would miss the deadline)"))
+    done = [t for t in timeline if t[3] is not None]
+    print(f"predicted: {len(done)} of {len(entries)} runs in {max((t[3] for t in done), default=0) / 60:.1f} min "
+          f"on {len(gpus)} GPUs x {args.slots_per_gpu} slots")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", type=Path, default=REPO / "configs" / "plan.json")
-    ap.add_argument("--corpus", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True, help="runs/, logs/, tracked/, status.json go here")
+    ap.add_argument("--corpus", type=Path, default=None, help="the shard corpus (required unless --simulate)")
+    ap.add_argument("--work", type=Path, default=None, help="runs/, logs/, tracked/, status.json go here "
+                                                             "(required unless --simulate)")
     ap.add_argument("--results", type=Path, default=None, help="default: WORK/results")
     ap.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all that torch sees)")
     ap.add_argument("--slots-per-gpu", type=int, default=2)
@@ -173,9 +222,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS of each process")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--poll", type=float, default=3.0)
+    ap.add_argument("--simulate", action="store_true",
+                    help="print the predicted timeline from the plan's estimates (no work, no GPU needed)")
+    ap.add_argument("--fixed-seconds", type=float, default=120.0,
+                    help="--simulate: seconds of each estimate spent off the GPU (compiling, tracking)")
     args = ap.parse_args(argv)
-    args.results = args.results or args.work / "results"
-    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.simulate and (args.corpus is None or args.work is None):
+        ap.error("--corpus and --work are required (unless --simulate)")
+    args.results = args.results or (args.work / "results" if args.work else None)
     plan = json.loads(args.plan.read_text())
     entries = sorted(plan["runs"], key=lambda r: r["priority"])
     if args.only:
@@ -186,6 +240,8 @@ def main(argv=None) -> int:
         entries = [e for e in entries if e["run"] in keep]
     if args.device == "cpu":
         gpus = ["cpu"]
+    elif args.simulate:
+        gpus = [int(g) for g in (args.gpus or "0,1,2,3").split(",")]
     elif args.gpus:
         gpus = [int(g) for g in args.gpus.split(",")]
     else:
@@ -194,6 +250,10 @@ def main(argv=None) -> int:
         gpus = list(range(torch.cuda.device_count()))
         if not gpus:
             raise SystemExit("no GPU visible: pass --device cpu for a CPU run")
+    args.compile_threads = max(1, (os.cpu_count() or 1) // max(1, len(gpus) * args.slots_per_gpu))
+    if args.simulate:
+        return simulate(entries, gpus, args)
+    args.work.mkdir(parents=True, exist_ok=True)
     runs = [Run(e, args) for e in entries]
     for r in runs:  # a result from an earlier pass of this script is kept
         if all((args.results / s / f"{a}.json").is_file() for s, a in r.entry["sweeps"].items()):
@@ -235,11 +295,16 @@ def main(argv=None) -> int:
             if not free:
                 break
             gpu = min(free, key=lambda g: load[g])
-            r.share = load[gpu] + 1  # runs sharing the GPU at the start: a crude slowdown factor
-            est = r.entry["est_seconds"] * (statistics.median(ratios) if ratios else 1.0) * r.share
+            share = load[gpu] + 1  # runs sharing the GPU at the start: a crude slowdown factor
+            est = r.entry["est_seconds"] * (statistics.median(ratios) if ratios else 1.0)
             if deadline is not None and time.time() + est > deadline:
-                r.state, r.note = "skipped", f"estimated {est:.0f} s would end after the deadline"
+                r.state, r.note = "skipped", f"estimated {est:.0f} s (alone) would end after the deadline"
                 continue
+            if deadline is not None and time.time() + est * share > deadline:
+                r.note = "waits for a GPU of its own (shared, it would miss the deadline)"
+                continue  # a later, shorter run may fit now; this one may fit once a GPU is free
+            r.share = share
+            r.note = ""
             r.start_training(gpu)
         write_status()
         if not any(r.state in ("queued", "training", "tracking") for r in runs):
