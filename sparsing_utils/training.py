@@ -665,7 +665,7 @@ class _Log:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def _prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool, main: bool) -> TrainConfig:
+def _prepare_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
     """Check the run folder before any work: refuse to overwrite, or check a resumed run's config."""
     if resume:
         if not out.exists():
@@ -696,7 +696,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     out = Path(out)
     env = init_distributed(device)
     cfg.validate(env.world)
-    cfg = _prepare_run_dir(out, cfg, resume, env.main)
+    cfg = _prepare_run_dir(out, cfg, resume)
     _barrier(env)  # every process has checked the folder before the main one writes into it
     corpus = open_corpus(cfg.corpus)
     plan = make_plan(cfg, corpus.vocab_size, env.world)
