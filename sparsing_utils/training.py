@@ -464,8 +464,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if not dist.is_initialized():  # NCCL bound to this process's GPU (barriers then use the right one)
+            kw = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
     return DistEnv(rank=rank, local_rank=local, world=world, device=dev)
 
 
