@@ -17,8 +17,13 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``results``       result objects (JSON, atomic) and ``sparse_inference``
 - ``jsonio``        the one atomic JSON writer, and the check that an output path can be written
 - ``measure``       model + text -> report, end to end (the ``sparsing measure`` command)
-- ``laws`` / ``fitting``  the activation-vs-data laws (Eq. 4, Eq. 5), fits, limits, forecasts
+- ``laws``          the laws (Eq. 4, Eq. 5, alternatives), one table entry each; the paper's tables
+- ``series`` / ``prefit`` / ``fitting``  series input, starting points, lmfit fits with bootstrap CIs
+- ``analysis``      notebook 02's analyses: Table 2 explained, forecasts, derived laws (Figs. 5, 8, 12)
 - ``plots``         one function per figure
+- ``training`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: pre-train small models
+  on packed token shards, checkpoints, Algorithm 1 through training (``sparsing train`` / ``track``)
+- ``textclean``     markup -> plain text for the training corpus (``scripts/build_corpus.py``)
 
 The measuring names are importable from the package itself (``sparsing_utils.SparsityProbe``);
 the laws, fits and figures from their modules (``from sparsing_utils import fitting, laws, plots``),
@@ -38,6 +43,7 @@ from .cett import (
     refine_thresholds,
     truncated_norms,
 )
+from .checkpoints import list_checkpoints
 from .ffn import (
     FFNSite,
     count_hooks,
@@ -68,6 +74,9 @@ from .rules import (
 )
 from .search import EvaluationTable, search_checkpoints, search_ppl_p
 from .sources import BUILTIN_SOURCES, load_text
+from .shards import open_corpus
+from .tracking import track
+from .training import TrainConfig, train
 
 __all__ = [
     "__version__",
@@ -116,4 +125,9 @@ __all__ = [
     "SparsityRule",
     "TopKRule",
     "apply_rule",
+    "list_checkpoints",
+    "open_corpus",
+    "track",
+    "TrainConfig",
+    "train",
 ]

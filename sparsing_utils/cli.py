@@ -1,10 +1,12 @@
-"""Command line: ``sparsing measure`` (PPL-p% sparsity) and ``sparsing fit`` (the laws).
+"""Command line: ``sparsing measure`` (PPL-p% sparsity), ``sparsing fit`` (the laws), ``sparsing train``
+(pre-training small models) and ``sparsing track`` (Algorithm 1 over a run's checkpoints).
 
 Thin wrappers over the package functions; every option maps to a keyword argument.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -46,6 +48,38 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the A0 interval")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=_cmd_fit)
+
+    # -- sparsing train -----------------------------------------------------
+    tr = sub.add_parser("train", help="pre-train a small Llama-style model (one run; torchrun for several GPUs)")
+    tr.add_argument("--config", required=True, help="TrainConfig JSON (see configs/ and the README, 'Training lab')")
+    tr.add_argument("--out", required=True, help="run folder (refused if it exists, unless --resume)")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    tr.add_argument("--corpus", default=None, help="corpus folder (overrides the config's 'corpus')")
+    tr.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    tr.add_argument("--compile", dest="compile", action="store_true", default=None,
+                    help="torch.compile the decoder layers and the loss (overrides the config)")
+    tr.add_argument("--no-compile", dest="compile", action="store_false", help="run eagerly (overrides the config)")
+    tr.add_argument("--dry-run", action="store_true", help="check the config and corpus, print the plan, write nothing")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    # -- sparsing track -----------------------------------------------------
+    tk = sub.add_parser("track", help="PPL-p%% sparsity through training (Algorithm 1) and activation patterns of a run")
+    tk.add_argument("--run", required=True, help="run folder written by `sparsing train`")
+    tk.add_argument("--p", type=float, default=1.0, help="PPL increase target in %% (default 1)")
+    tk.add_argument("--out", required=True, help="result JSON (data/runs/<sweep>/<run>.json; written atomically)")
+    tk.add_argument("--tokens", type=int, default=32768, help="held-out tokens for the search (split by the mixture)")
+    tk.add_argument("--pattern-tokens", type=int, default=16384, help="held-out tokens per domain for Fig. 9 frequencies")
+    tk.add_argument("--token-set", type=int, default=1024, help="tokens per domain with per-token ratios (Fig. 10)")
+    tk.add_argument("--block-len", type=int, default=None, help="tokens per block (default: min(seq_len, 512))")
+    tk.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    tk.add_argument("--mode", choices=["auto", "memory", "stream"], default="auto",
+                    help="memory: keep activations; stream: bounded memory; auto: memory when it fits")
+    tk.add_argument("--corpus", default=None, help="corpus folder (default: the run's)")
+    tk.add_argument("--sweep", default=None, help="sweep name recorded in the result")
+    tk.add_argument("--tol", type=float, default=1e-3, help="tolerance on the mean PPL ratio")
+    tk.add_argument("--quiet", action="store_true", help="no progress bars")
+    tk.set_defaults(func=_cmd_track)
     return parser
 
 
@@ -76,12 +110,62 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .shards import open_corpus
+    from .training import TrainConfig, make_plan, train
+
+    cfg = TrainConfig.from_json(args.config)
+    if args.corpus:
+        cfg = dataclasses.replace(cfg, corpus=args.corpus)
+    if args.compile is not None:
+        cfg = dataclasses.replace(cfg, compile=args.compile)
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=Path(args.out).name)
+    if args.dry_run:
+        import os
+
+        corpus = open_corpus(cfg.corpus)
+        plan = make_plan(cfg, corpus.vocab_size, int(os.environ.get("WORLD_SIZE", "1")))
+        print(json.dumps({"config": cfg.to_dict(), "plan": plan.to_dict(), "corpus": corpus.summary()}, indent=1))
+        return 0
+    try:
+        train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"run written: {args.out}")
+    return 0
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from .tracking import track
+
+    r = track(args.run, p=args.p, out=args.out, tokens=args.tokens, device=args.device, mode=args.mode,
+              corpus=args.corpus, block_len=args.block_len, pattern_tokens=args.pattern_tokens,
+              token_set=args.token_set, tol=args.tol, sweep=args.sweep, progress=not args.quiet)
+    t = r["tracking"]
+    print(f"run {r['run']} | PPL-{t['p']:g}%: CETT {t['cett']:.4f}, mean PPL ratio {t['mean_ppl_ratio']:.4f} over "
+          f"{len(t['search_checkpoints'])} checkpoints | {t['seconds']:.1f} s")
+    print(f"{'tokens':>14} {'stage':>7} {'loss':>7} {'held-out':>8} {'act. ratio':>10} {'PPL ratio':>9}")
+    for c in r["checkpoints"]:
+        held = c["heldout_loss"] if c["heldout_loss"] is not None else float("nan")
+        print(f"{c['tokens']:>14,} {c['stage']:>7} {c['train_loss']:>7.3f} {held:>8.3f} {c['activation_ratio']:>10.4f} "
+              f"{c['ppl_ratio']:>9.4f}")
+    print(f"written: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError, NotImplementedError) as err:
         print(f"sparsing {args.command}: error: {err}", file=sys.stderr)
         return 2
 
