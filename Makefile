@@ -1,5 +1,6 @@
 # The two commands of the README: `make main` (notebook 01 on the embedded default model)
 # and `make test` (the test suite, as CI runs it). Both do the whole set-up first.
+# `make figures` runs notebooks 01 and 02 with their defaults and refreshes docs/figures/ (README).
 #
 # Which Python: the one you name (`make test PYTHON=/path/to/python`), else the active virtual or
 # conda environment, else a project environment `.venv/` made here with `python3 -m venv` (a stock
@@ -18,7 +19,7 @@ endif
 OUT ?= outputs/01_ppl_p_sparsity
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup main test notebooks
+.PHONY: setup main test notebooks figures
 
 .venv/bin/python:
 	@$(BASE_PYTHON) -m venv .venv || { echo "could not create .venv with $(BASE_PYTHON): on Debian/Ubuntu install" \
@@ -37,4 +38,8 @@ test: setup
 	$(PY) -m pytest tests -ra -q
 
 notebooks: setup
+	mkdir -p outputs/02_activation_vs_data
 	$(PY) -m papermill notebooks/02_activation_vs_data.ipynb outputs/02_activation_vs_data/02_activation_vs_data.ipynb --cwd notebooks
+
+figures: main notebooks
+	$(PY) scripts/figures.py --outputs outputs --dest docs/figures

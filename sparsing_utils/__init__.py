@@ -54,7 +54,7 @@ from .models import (
     load_model,
     smollm2_gguf_path,
 )
-from .pareto import pareto_sweep
+from .pareto import fat_eps_for, pareto_from_search, pareto_sweep
 from .probe import PassStats, SparsityProbe
 from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
 from .rules import (
@@ -100,6 +100,8 @@ __all__ = [
     "search_checkpoints",
     "search_ppl_p",
     "pareto_sweep",
+    "pareto_from_search",
+    "fat_eps_for",
     "CheckpointResult",
     "PPLPResult",
     "SparsityReport",
