@@ -17,6 +17,8 @@ else
 endif
 
 OUT ?= outputs/01_ppl_p_sparsity
+# extra papermill parameters for notebook 01, e.g. PARAMS="-p tokens 8192" (the full budget, about twice the time)
+PARAMS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup main test notebooks figures
@@ -31,7 +33,7 @@ setup: $(if $(filter .venv/bin/python,$(PY)),.venv/bin/python)
 main: setup
 	mkdir -p $(OUT)
 	$(PY) -m papermill notebooks/01_ppl_p_sparsity.ipynb $(OUT)/01_ppl_p_sparsity.ipynb \
-		--cwd notebooks -p output_dir ../$(OUT)
+		--cwd notebooks -p output_dir ../$(OUT) $(PARAMS)
 	@echo "executed notebook, figures and result.json in $(OUT)/"
 
 test: setup
