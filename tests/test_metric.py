@@ -579,6 +579,33 @@ def test_exact_curve_brute_force(trained_llama, probe):
         probe.exact_curve(eps=torch.zeros(3, 4))
 
 
+def test_metric_figures_draw_the_given_numbers(probe, searched):
+    """plot_cett_curves draws the exact curve (solid), the guide (dotted) and each result's
+    threshold at its exact CETT; plot_layer_profile draws every layer's numbers of every p."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sparsing_utils import plots
+
+    exact, results = probe.exact_curve([1]), [searched[1], searched[5]]
+    fig = plots.plot_cett_curves(exact, [1], results, guide=probe.curve)
+    solid, dotted, *circles = fig.axes[0].get_lines()
+    ok = exact.eps[1] > 0
+    assert np.allclose(solid.get_xdata(), exact.eps[1][ok]) and np.allclose(solid.get_ydata(), exact.cett[1][ok])
+    assert dotted.get_linestyle() == ":" and np.allclose(dotted.get_ydata(), probe.curve.cett[1][probe.curve.eps[1] > 0])
+    assert [c.get_xdata()[0] for c in circles] == pytest.approx([r.thresholds[1] for r in results])
+    assert [c.get_ydata()[0] for c in circles] == pytest.approx([r.layer_cett[1] for r in results])
+    plt.close(fig)
+    fig = plots.plot_layer_profile(results)
+    for ax, key in zip(fig.axes, ("layer_activation_ratio", "layer_cett", "thresholds")):
+        drawn = [line.get_ydata() for line in ax.get_lines() if line.get_marker() == "."]
+        assert [list(y) for y in drawn] == [pytest.approx(getattr(r, key)) for r in results]
+    plt.close(fig)
+
+
 # -- calibration split ------------------------------------------------------------------------
 
 
