@@ -1,5 +1,6 @@
 # The two commands of the README: `make main` (notebook 01 on the embedded default model)
 # and `make test` (the test suite, as CI runs it). Both do the whole set-up first.
+# `make figures` runs notebooks 01 and 02 with their defaults and refreshes docs/figures/ (README).
 #
 # Which Python: the one you name (`make test PYTHON=/path/to/python`), else the active virtual or
 # conda environment, else a project environment `.venv/` made here with `python3 -m venv` (a stock
@@ -16,9 +17,11 @@ else
 endif
 
 OUT ?= outputs/01_ppl_p_sparsity
+# extra papermill parameters for notebook 01, e.g. PARAMS="-p tokens 8192" (the full budget, about twice the time)
+PARAMS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup main test notebooks
+.PHONY: setup main test notebooks figures
 
 .venv/bin/python:
 	@$(BASE_PYTHON) -m venv .venv || { echo "could not create .venv with $(BASE_PYTHON): on Debian/Ubuntu install" \
@@ -30,11 +33,15 @@ setup: $(if $(filter .venv/bin/python,$(PY)),.venv/bin/python)
 main: setup
 	mkdir -p $(OUT)
 	$(PY) -m papermill notebooks/01_ppl_p_sparsity.ipynb $(OUT)/01_ppl_p_sparsity.ipynb \
-		--cwd notebooks -p output_dir ../$(OUT)
+		--cwd notebooks -p output_dir ../$(OUT) $(PARAMS)
 	@echo "executed notebook, figures and result.json in $(OUT)/"
 
 test: setup
 	$(PY) -m pytest tests -ra -q
 
 notebooks: setup
+	mkdir -p outputs/02_activation_vs_data
 	$(PY) -m papermill notebooks/02_activation_vs_data.ipynb outputs/02_activation_vs_data/02_activation_vs_data.ipynb --cwd notebooks
+
+figures: main notebooks
+	$(PY) scripts/figures.py --outputs outputs --dest docs/figures

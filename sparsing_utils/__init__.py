@@ -60,7 +60,7 @@ from .models import (
     load_model,
     smollm2_gguf_path,
 )
-from .pareto import pareto_sweep
+from .pareto import fat_eps_for, pareto_from_search, pareto_sweep
 from .probe import PassStats, SparsityProbe
 from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
 from .rules import (
@@ -110,6 +110,7 @@ __all__ = [
     "count_hooks",
     "describe_model",
     "edit_activations",
+    "fat_eps_for",
     "find_ffn_sites",
     "interpolate_thresholds",
     "list_checkpoints",
@@ -120,6 +121,7 @@ __all__ = [
     "measure_sparsity",
     "neuron_norms",
     "open_corpus",
+    "pareto_from_search",
     "pareto_sweep",
     "read_activations",
     "refine_thresholds",

@@ -81,13 +81,18 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
 
 def measure_probe(probe: SparsityProbe, p: float | Sequence[float] = (1.0, 5.0, 10.0), *,
                   model_info: dict | None = None, text_info: dict | None = None, seed: int = 0,
-                  tol: float = 1e-3) -> SparsityReport:
+                  tol: float = 1e-3, evaluations: EvaluationTable | None = None) -> SparsityReport:
     """Search PPL-p% for every ``p`` on a prepared (or not yet prepared) probe; evaluated
-    points are shared between the p values. Returns a :class:`SparsityReport`."""
+    points are shared between the p values (pass ``evaluations``, an
+    :class:`~sparsing_utils.search.EvaluationTable` of this probe, to keep their sparse passes).
+    Returns a :class:`SparsityReport` whose ``search_points`` list every evaluated CETT."""
     ps = check_p_values(p)
     start = time.perf_counter()
     probe.prepare()
-    evaluations = EvaluationTable([probe])
+    if evaluations is None:
+        evaluations = EvaluationTable([probe])
+    elif evaluations.probes != [probe]:
+        raise ValueError("the evaluation table was made for other probes: pass EvaluationTable([probe])")
     results = [search_ppl_p(probe, v, tol=tol, evaluations=evaluations) for v in ps]
     param = next(probe.model.parameters())
     return SparsityReport(
@@ -98,4 +103,5 @@ def measure_probe(probe: SparsityProbe, p: float | Sequence[float] = (1.0, 5.0, 
         extra={"mode": probe.mode, "tol": tol, "sparse_passes": probe.sparse_passes,
                "dense_passes": probe.dense_passes
                + (probe.calibration.dense_passes if probe.calibration is not None else 0)},
+        search_points=evaluations.rows(),
     )

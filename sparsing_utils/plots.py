@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.ticker import FormatStrFormatter
 
 __all__ = [
     "save_figure",
@@ -27,6 +28,7 @@ __all__ = [
     "plot_limit_loss",
     "plot_neuron_contributions",
     "plot_cett_curves",
+    "plot_layer_profile",
     "plot_pareto",
     "plot_activation_heatmap",
 ]
@@ -348,27 +350,70 @@ def plot_neuron_contributions(norms, eps: float, cett: float | None = None, titl
     return ax.figure
 
 
-def plot_cett_curves(curve, layers: Sequence[int], thresholds: Mapping[float, Sequence[float]] | None = None,
-                     ax=None):
-    """Mean CETT against the threshold eps for a few layers (log x axis); dots mark the
-    PPL-p% thresholds of each layer."""
+def plot_cett_curves(curve, layers: Sequence[int], results: Sequence = (), guide=None, ax=None, title: str = ""):
+    """Mean CETT against the threshold eps for a few layers (log x axis).
+
+    ``curve``: a :class:`~sparsing_utils.cett.CETTCurve`, drawn solid; give the exact one
+    (:meth:`~sparsing_utils.probe.SparsityProbe.exact_curve`: all tokens). ``guide``: optionally
+    the probe's estimated curve (``probe.curve``: sketch of ``W_down``, first tokens), drawn
+    dotted for comparison. ``results``: PPL-p% results (:class:`~sparsing_utils.results.PPLPResult`),
+    one circle per layer at its threshold and its exact CETT there (``layer_cett``).
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 4))
     colors = sns.color_palette("viridis", len(layers))
-    eps, cett = np.asarray(curve.eps), np.asarray(curve.cett)
     for color, layer in zip(colors, layers):
-        e, c = eps[layer], cett[layer]
-        ok = e > 0
+        e, c = np.asarray(curve.eps[layer], dtype=float), np.asarray(curve.cett[layer], dtype=float)
+        ok = (e > 0) & np.isfinite(c)
         ax.plot(e[ok], c[ok], marker=".", color=color, label=f"layer {layer}")
-        for p, thr in (thresholds or {}).items():
-            t = float(thr[layer])
-            ax.plot([t], [float(np.interp(t, e, c))], "o", mfc="none", color=color, ms=8)
+        if guide is not None:
+            ge, gc = np.asarray(guide.eps[layer], dtype=float), np.asarray(guide.cett[layer], dtype=float)
+            ax.plot(ge[ge > 0], gc[ge > 0], ls=":", lw=1.2, color=color, alpha=0.8)
+        for r in results:
+            ax.plot([float(r.thresholds[layer])], [float(r.layer_cett[layer])], "o", mfc="none", color=color, ms=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if guide is not None:
+        handles.append(plt.Line2D([], [], color="0.4", ls=":"))
+        labels.append("estimate guiding the search")
+    if len(results):
+        handles.append(plt.Line2D([], [], color="0.4", ls="", marker="o", mfc="none"))
+        labels.append("PPL-" + "/".join(f"{r.p:g}" for r in results) + "% thresholds")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # the PPL-p% targets (c of a few percent) sit low on a linear axis
+    ax.set_ylim(bottom=1e-3)
     ax.set_xlabel("threshold eps on ||n_i||")
     ax.set_ylabel("mean CETT")
-    ax.set_title("CETT grows with the threshold (circles: PPL-p% thresholds)")
-    ax.legend(fontsize=8)
+    ax.set_title(title or "CETT grows with the threshold")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(handles, labels, fontsize=8)
     return ax.figure
+
+
+def plot_layer_profile(results: Sequence, axes=None):
+    """Per-layer view of PPL-p% results: activation ratio, mean CETT and threshold against the
+    layer index, one line per ``p`` (:class:`~sparsing_utils.results.PPLPResult` list)."""
+    fig, axes = _axes(axes, 3, (13, 3.6))
+    colors = sns.color_palette("viridis", max(1, len(results)))
+    panels = (("layer_activation_ratio", "activation ratio", "linear"), ("layer_cett", "mean CETT", "linear"),
+              ("thresholds", "threshold eps on ||n_i||", "log"))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for color, r in zip(colors, results):
+            y = np.asarray(getattr(r, key), dtype=float)
+            ax.plot(np.arange(len(y)), y, marker=".", color=color, label=f"PPL-{r.p:g}%")
+            if key == "layer_activation_ratio":
+                ax.axhline(r.activation_ratio, color=color, lw=0.8, ls="--")
+            if key == "layer_cett":
+                ax.axhline(r.cett, color=color, lw=0.8, ls="--")
+        ax.set_yscale(scale)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("activation ratio per layer (dashed: model mean)")
+    axes[1].set_title("CETT per layer (dashed: the target c)")
+    axes[2].set_title("per-layer threshold")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_pareto(frame, points=None, ax=None):
@@ -392,6 +437,9 @@ def plot_pareto(frame, points=None, ax=None):
     ax.set_xlabel("activation ratio")
     ax.set_ylabel("PPL sparse / PPL dense")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 1.10, not 1.1 x 10^0
+        axis(FormatStrFormatter("%.2f"))
+    ax.grid(alpha=0.3, which="both")
     ax.set_title("Pareto curves: lower-left is better")
     ax.legend(fontsize=8)
     return ax.figure

@@ -9,6 +9,8 @@ PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.se
 * :meth:`SparsityProbe.thresholds_for` finds per-layer thresholds whose *exact* mean CETT
   (Eq. 2, on all tokens) is a target ``c``: a first guess from the curve, then secant steps.
 * :meth:`SparsityProbe.sparse_pass` runs the model under a rule: PPL and activation ratios.
+* :meth:`SparsityProbe.exact_curve` gives exact CETT on all tokens at a grid of thresholds
+  (the figure of CETT against the threshold).
 
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
 tokens); ``"stream"`` keeps nothing and recomputes the dense pass whenever exact CETT
@@ -37,7 +39,7 @@ from .cett import (
     refine_thresholds,
     sketch_weight,
 )
-from .ffn import FFNSite, find_ffn_sites, read_activations
+from .ffn import FFNSite, edit_activations, find_ffn_sites, read_activations
 from .rules import SparsityRule, apply_rule
 
 __all__ = ["SparsityProbe", "PassStats", "DEFAULT_LEVELS"]
@@ -338,6 +340,30 @@ class SparsityProbe:
         s, t = self._cett_sums(eps.reshape(-1, 1).float(), torch.ones(len(self.sites), dtype=torch.bool))
         return (s / t).squeeze(1).float()
 
+    def exact_curve(self, layers: Sequence[int] | None = None, eps: torch.Tensor | None = None) -> CETTCurve:
+        """Each layer's *exact* mean CETT (Eq. 2, on all tokens) on a grid of thresholds, unlike
+        :attr:`curve` (estimated on the first ``curve_tokens`` tokens through a sketch of ``W_down``).
+
+        ``eps [layers, K]`` defaults to the grid of :attr:`curve`; only ``layers`` (default: all)
+        are computed, the other rows of the returned curve's ``cett`` are NaN. One product of
+        ``K`` masked copies of ``a`` per computed layer (memory mode: no forward pass).
+        """
+        self.prepare()
+        if self.calibration is not None:
+            return self.calibration.exact_curve(layers, eps)
+        grid = (self.curve.eps if eps is None else torch.as_tensor(eps, dtype=torch.float32)).clone()  # [L, K]
+        if grid.dim() != 2 or grid.shape[0] != len(self.sites):
+            raise ValueError(f"eps must be [layers={len(self.sites)}, K] thresholds, got {tuple(grid.shape)}")
+        todo = torch.zeros(len(self.sites), dtype=torch.bool)
+        chosen = range(len(self.sites)) if layers is None else list(layers)
+        for i in chosen:
+            if not 0 <= i < len(self.sites):
+                raise ValueError(f"layer {i} does not exist: the model has layers 0..{len(self.sites) - 1}")
+            todo[i] = True
+        s, t = self._cett_sums(grid, todo)
+        cett = torch.where(todo.unsqueeze(1), s / t, torch.full_like(s, math.nan)).float()  # [L, K]
+        return CETTCurve(grid, cett)
+
     def thresholds_for(self, c: float, *, exact: bool = True, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer thresholds whose mean CETT is ``c``: ``(eps [layers], cett [layers])``.
 
@@ -404,6 +430,25 @@ class SparsityProbe:
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
         layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
         return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None)
+
+    def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
+        """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the
+        score of the FAT and Top-k baselines) on the first blocks that hold ``tokens`` real tokens:
+        one dense forward over those blocks, all-reduced under ``torch.distributed``."""
+        if tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens!r}")
+        per_block = self.attention_mask.sum(dim=1).cumsum(0)  # [n_blocks] real tokens so far
+        n = min(len(per_block), int((per_block < tokens).sum()) + 1)
+        hist = NormHistogram(len(self.sites), device=self.device)
+        rows = TokenRows()
+
+        def read(site: FFNSite, a: torch.Tensor, gate: torch.Tensor) -> None:
+            hist.add(site.index, rows(gate).float().abs().to(self.device))  # [tokens, d_ff]; a is not changed
+
+        with edit_activations(self.model, read, sites=self.sites, need_gate=True):
+            self._run(f"gate scores ({self.name})", rows, blocks=range(n), compute_loss=False)
+        hist.all_reduce()
+        return hist
 
     def activations(self, layer: int) -> torch.Tensor:
         """The stored dense activations ``a`` of one layer, ``[tokens, d_ff]`` (memory mode)."""

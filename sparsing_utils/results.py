@@ -77,6 +77,9 @@ class SparsityReport:
     ``model`` describes the model (:meth:`~sparsing_utils.models.LoadedModel.describe`: spec,
     source, ``weights`` - e.g. ``"Q4_1 GGUF dequantized to float32"`` for the default -,
     architecture); ``text`` the token blocks (:meth:`~sparsing_utils.blocks.TokenBlocks.to_dict`).
+    ``search_points`` lists every CETT target the search evaluated, in order, each one sparse
+    pass on the same tokens (``c``, ``ppl_sparse``, ``ppl_ratio``, ``activation_ratio``): the
+    CETT curve of the Pareto comparison (:func:`~sparsing_utils.pareto.pareto_from_search`).
     """
 
     model: dict
@@ -89,6 +92,7 @@ class SparsityReport:
     dtype: str = "float32"
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    search_points: list[dict] = field(default_factory=list)
 
     def result(self, p: float) -> PPLPResult:
         for r in self.results:

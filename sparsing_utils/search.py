@@ -58,6 +58,16 @@ class EvaluationTable:
         """``(c, mean PPL ratio)`` of every evaluation, in the order they were made."""
         return [(e.c, e.ratio) for e in self.evaluations.values()]
 
+    def rows(self) -> list[dict]:
+        """Every evaluation as a plain dict, in the order they were made (one probe: its sparse
+        PPL, PPL ratio and activation ratio; several: their means, and the mean PPL ratio)."""
+        out = []
+        for e in self.evaluations.values():
+            n = len(e.stats)
+            out.append({"c": float(e.c), "ppl_sparse": sum(s.ppl for s in e.stats) / n, "ppl_ratio": float(e.ratio),
+                        "activation_ratio": sum(s.activation_ratio for s in e.stats) / n})
+        return out
+
     def evaluate(self, c: float) -> Evaluation:
         """Exact thresholds for ``c`` and one sparse pass on every probe (once per ``c``)."""
         if c not in self.evaluations:

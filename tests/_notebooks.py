@@ -7,8 +7,6 @@
   (``tests/reference/<name>.json``, tolerances stated in the file); run the test with
   ``SPARSING_UPDATE_REFERENCE=1`` to rewrite the file after a deliberate change, then review the diff;
 - the other key numbers are recomputed in the test itself with the package functions.
-
-:func:`nbval` (re-execution compared with the stored outputs) is kept for notebook 01's test.
 """
 from __future__ import annotations
 
@@ -17,8 +15,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,17 +41,6 @@ def execute(notebook: Path, out: Path, parameters: dict) -> Path:
         else:
             os.environ["PYTHONPATH"] = before
     return out
-
-
-def nbval(executed: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``pytest --nbval-lax`` on an executed notebook, in a subprocess (this checkout first on its
-    ``PYTHONPATH``, as in :func:`execute`); returns the result."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", str(executed),
-         "--rootdir", str(executed.parent)],
-        cwd=str(executed.parent), capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def assert_thin_and_stripped(notebook: Path) -> list[dict]:

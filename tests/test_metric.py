@@ -24,7 +24,8 @@ from torch import nn
 
 from sparsing_utils.ffn import count_hooks, find_ffn_sites
 from sparsing_utils.jsonio import atomic_write_json
-from sparsing_utils.pareto import pareto_sweep
+from sparsing_utils.measure import measure_probe
+from sparsing_utils.pareto import fat_eps_for, pareto_from_search, pareto_sweep
 from sparsing_utils.probe import SparsityProbe
 from sparsing_utils.results import (
     CheckpointResult,
@@ -466,6 +467,143 @@ def test_pareto_sweeps(probe):
         pareto_sweep(probe, "random", [0.1])
     with pytest.raises(ValueError, match="needs a list of values"):
         pareto_sweep(probe, "topk", [])
+
+
+def test_pareto_from_search_reuses_the_search_points(trained_llama, probe, tmp_path):
+    """The CETT curve of Fig. 3 is the points the search already evaluated: one row per evaluated
+    target, each the very sparse pass of the search (no new pass), kept in the report's JSON."""
+    pr = SparsityProbe(trained_llama.model, trained_llama.blocks(), name="points")
+    table = EvaluationTable([pr])
+    report = measure_probe(pr, [1, 5], evaluations=table)
+    passes = pr.sparse_passes
+    assert len(report.search_points) == len(table) == passes  # one sparse pass per evaluated target
+    curve = pareto_from_search(report)
+    assert pr.sparse_passes == passes  # nothing recomputed
+    assert list(curve.columns) == COLUMNS and set(curve["rule"]) == {"cett"}
+    assert list(curve["value"]) == sorted(c for c, _ in table.points())
+    for row in curve.itertuples():
+        ev = table.evaluations[row.value]
+        assert row.activation_ratio == ev.stats[0].activation_ratio and row.ppl == ev.stats[0].ppl
+        assert row.ppl_ratio == ev.ratio == pytest.approx(ev.stats[0].ppl / pr.dense.ppl, rel=1e-12)
+    for r in report.results:  # the PPL-p% points are on the curve
+        row = curve[curve["value"] == r.cett].iloc[0]
+        assert (row["activation_ratio"], row["ppl_ratio"]) == (r.activation_ratio, r.ppl_ratio)
+    # a sweep at the same targets (the cached exact thresholds, a new pass) lands on the same points
+    again = pareto_sweep(pr, "cett", list(curve["value"][:2]))
+    assert list(again["activation_ratio"]) == pytest.approx(list(curve["activation_ratio"][:2]), rel=1e-6)
+    assert list(again["ppl_ratio"]) == pytest.approx(list(curve["ppl_ratio"][:2]), rel=1e-6)
+    # through JSON and from the table itself: the same frame
+    report.save(tmp_path / "r.json")
+    loaded = SparsityReport.load(tmp_path / "r.json")
+    assert loaded.search_points == report.search_points
+    pd.testing.assert_frame_equal(pareto_from_search(loaded), curve)
+    pd.testing.assert_frame_equal(pareto_from_search(table), curve)
+    # a report written before search_points existed still loads, and says what it lacks
+    raw = json.loads((tmp_path / "r.json").read_text())
+    del raw["search_points"]
+    atomic_write_json(tmp_path / "old.json", raw)
+    old = SparsityReport.load(tmp_path / "old.json")
+    assert old.search_points == [] and old.results == report.results
+    with pytest.raises(ValueError, match="no evaluated points"):
+        pareto_from_search(old)
+    with pytest.raises(TypeError, match="SparsityReport or an EvaluationTable"):
+        pareto_from_search(42)
+    with pytest.raises(ValueError, match="made for other probes"):
+        measure_probe(pr, [1], evaluations=EvaluationTable([probe]))
+
+
+def _gate_scores(model, ids) -> list[torch.Tensor]:
+    """|act(W_gate x)| of each layer, [tokens, d_ff] float64, with the test's own hooks."""
+    out, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.mlp.act_fn.register_forward_hook(
+            lambda m, args, y, _i=i: out.setdefault(_i, []).append(y.detach().reshape(-1, D_FF))))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(out[i]).double().abs() for i in range(len(model.model.layers))]
+
+
+def test_sweep_points_placed_by_activation_ratio(trained_llama, probe):
+    """Top-k takes the ratios as k / d_ff; FAT-eps reads them off the gate scores of the first
+    tokens: eps is the smallest histogram edge (1/256 decade) at which the mean fraction of
+    gates above it is at most the target, checked against gate scores hooked by the test."""
+    targets = [0.3, 0.5, 0.7]
+    topk = pareto_sweep(probe, "topk", activation_ratios=targets, score="magnitude")
+    assert list(topk["value"]) == targets
+    for r, a in zip(targets, topk["activation_ratio"]):
+        assert a == pytest.approx(round(r * D_FF) / D_FF, abs=1e-6)
+    gates = _gate_scores(trained_llama.model, trained_llama.eval_ids[:4])  # the first 256 tokens
+    step = 10 ** (1 / 256)
+
+    def above(e: float) -> float:
+        return float(sum((g > e).double().mean() for g in gates) / len(gates))
+
+    eps = fat_eps_for(probe, targets, tokens=256)
+    assert eps == sorted(eps, reverse=True) and all(e > 0 for e in eps)
+    for r, e in zip(targets, eps):
+        assert above(e) <= r + 1e-3 < above(e / step * (1 - 1e-6)) + 2e-3
+    assert fat_eps_for(probe, [1.0]) == [0.0]  # every SiLU gate is nonzero
+    fat = pareto_sweep(probe, "fat", activation_ratios=targets)
+    assert list(fat["value"]) == fat_eps_for(probe, targets)  # default: the first 1,024 tokens (all here)
+    # the sparse pass measures the real ratio; truncating layer 0 moves layer 1's gates a little
+    assert list(fat["activation_ratio"]) == pytest.approx(targets, abs=0.05)
+    with pytest.raises(ValueError, match="either values or activation_ratios"):
+        pareto_sweep(probe, "topk", [0.5], activation_ratios=[0.5])
+    with pytest.raises(ValueError, match="pareto_from_search"):
+        pareto_sweep(probe, "cett", activation_ratios=[0.5])
+    with pytest.raises(ValueError, match="activation ratios must be in"):
+        fat_eps_for(probe, [1.5])
+
+
+def test_exact_curve_brute_force(trained_llama, probe):
+    """exact_curve: the mean CETT on all tokens at every grid threshold of the chosen layers
+    (float64 brute force); other layers NaN; the guide curve is only an estimate of it."""
+    acts, w_ts = dense_activations(trained_llama.model, trained_llama.eval_ids)
+    exact = probe.exact_curve([1])
+    assert torch.equal(exact.eps, probe.curve.eps) and torch.isnan(exact.cett[0]).all()
+    for e, c in zip(exact.eps[1].tolist(), exact.cett[1].tolist()):
+        assert c == pytest.approx(brute_layer_cett(acts[1], w_ts[1], e), abs=2e-5)
+    assert exact.cett[1].diff().min() >= -1e-6  # CETT grows with the threshold
+    grid = torch.tensor([[0.0, 0.05, 0.2], [0.0, 0.1, 0.3]])
+    both = probe.exact_curve(eps=grid)
+    for layer in (0, 1):
+        for e, c in zip(grid[layer].tolist(), both.cett[layer].tolist()):
+            assert c == pytest.approx(brute_layer_cett(acts[layer], w_ts[layer], e), abs=2e-5)
+    with pytest.raises(ValueError, match="layer 2 does not exist"):
+        probe.exact_curve([2])
+    with pytest.raises(ValueError, match=r"eps must be \[layers=2, K\]"):
+        probe.exact_curve(eps=torch.zeros(3, 4))
+
+
+def test_metric_figures_draw_the_given_numbers(probe, searched):
+    """plot_cett_curves draws the exact curve (solid), the guide (dotted) and each result's
+    threshold at its exact CETT; plot_layer_profile draws every layer's numbers of every p."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sparsing_utils import plots
+
+    exact, results = probe.exact_curve([1]), [searched[1], searched[5]]
+    fig = plots.plot_cett_curves(exact, [1], results, guide=probe.curve)
+    solid, dotted, *circles = fig.axes[0].get_lines()
+    ok = exact.eps[1] > 0
+    assert np.allclose(solid.get_xdata(), exact.eps[1][ok]) and np.allclose(solid.get_ydata(), exact.cett[1][ok])
+    assert dotted.get_linestyle() == ":" and np.allclose(dotted.get_ydata(), probe.curve.cett[1][probe.curve.eps[1] > 0])
+    assert [c.get_xdata()[0] for c in circles] == pytest.approx([r.thresholds[1] for r in results])
+    assert [c.get_ydata()[0] for c in circles] == pytest.approx([r.layer_cett[1] for r in results])
+    plt.close(fig)
+    fig = plots.plot_layer_profile(results)
+    for ax, key in zip(fig.axes, ("layer_activation_ratio", "layer_cett", "thresholds")):
+        drawn = [line.get_ydata() for line in ax.get_lines() if line.get_marker() == "."]
+        assert [list(y) for y in drawn] == [pytest.approx(getattr(r, key)) for r in results]
+    plt.close(fig)
 
 
 # -- calibration split ------------------------------------------------------------------------
