@@ -104,7 +104,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .fitting import fit_series_file
+    from .jsonio import check_writable
 
+    check_writable(args.out)  # before reading and fitting: a bad --out fails at once, in words
     result = fit_series_file(args.input, law=args.law, out=args.out, n_bootstrap=args.bootstrap, seed=args.seed)
     print(result.summary())
     return 0

@@ -158,3 +158,17 @@ def test_token_counts_in_billions_warn_but_fit(tmp_path, capsys):
         rc = cli.main(["fit", "--input", str(series), "--law", "silu", "--out", str(tmp_path / "f.json"),
                        "--bootstrap", "0"])
     assert rc == 0
+
+
+def test_unwritable_out_is_refused_before_fitting(tmp_path, capsys, monkeypatch):
+    series = tmp_path / "series.json"
+    write_series(series)
+
+    def must_not_fit(*args, **kwargs):
+        raise AssertionError("fitting started although --out cannot be written")
+
+    monkeypatch.setattr(fitting, "fit_series_file", must_not_fit)
+    rc = cli.main(["fit", "--input", str(series), "--law", "relu", "--out", "/proc/fit.json", "--bootstrap", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "cannot write the output '/proc/fit.json'" in err and "writable folder" in err, err
