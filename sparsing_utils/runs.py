@@ -12,10 +12,12 @@ What the notebooks 03-05 need (Luo et al. 2024, arXiv:2411.02335, Figs. 5-11):
 
 - :func:`load_run`, :func:`load_sweep`, :func:`load_runs`: read and check, aliases resolved;
 - :func:`checkpoint_frame`, :func:`run_table`, :func:`loss_curve_frame`: tidy tables;
+  :func:`compare_at_tokens`: runs of slightly different length compared at equal data;
 - :func:`checkpoint_series` / :func:`activation_series`: a run as a series for the fitting code
   (``D`` in billions of tokens, the checkpoints before the decay stage, as the paper);
 - :func:`fit_activation_laws`, :func:`limit_table`: Eq. 4 / Eq. 5 per run, ``A0`` with bootstrap
-  intervals; :func:`fit_loss_limits`: the limit loss of Fig. 6 / Fig. 12;
+  intervals; :func:`fit_loss_limits`: the limit loss of Fig. 6 / Fig. 12; :func:`limit_points`:
+  limits of ours and of the paper side by side (Fig. 7);
 - :func:`seed_spread`, :func:`seed_band`: the spread between seeds of one config, the noise floor;
 - :func:`neuron_frequency_frame`, :func:`pattern_table`, :func:`token_ratio_pair`: Figs. 9 and 10.
 """
@@ -41,8 +43,10 @@ __all__ = [
     "activation_series",
     "checkpoint_frame",
     "checkpoint_series",
+    "compare_at_tokens",
     "fit_activation_laws",
     "fit_loss_limits",
+    "limit_points",
     "limit_table",
     "load_run",
     "load_runs",
@@ -120,6 +124,12 @@ class RunResult:
     def checkpoints(self) -> list[dict]:
         return self.data["checkpoints"]
 
+    @property
+    def tokens_per_epoch(self) -> float:
+        """Training tokens of one pass over the run's training data (from its last checkpoint)."""
+        last = self.checkpoints[-1]
+        return last["tokens"] / _mean_epochs(last)
+
 
 def _read_json(path: Path, what: str) -> dict:
     try:
@@ -181,12 +191,19 @@ def load_run(spec: str | os.PathLike, runs_dir: str | os.PathLike | None = None)
     return _resolve(path, root)
 
 
-def _order(run: RunResult) -> tuple:
-    return (run.activation, run.n_params, run.width_depth_ratio, run.name)
+#: orders of :func:`load_sweep`
+ORDERS = {
+    "size": lambda r: (r.activation, r.n_params, r.width_depth_ratio, r.name),
+    "width_depth": lambda r: (r.activation, r.width_depth_ratio, r.n_params, r.name),
+    "name": lambda r: r.name,
+}
 
 
-def load_sweep(sweep: str, runs_dir: str | os.PathLike | None = None) -> dict[str, RunResult]:
-    """Every run of one sweep, ``{run name: RunResult}``, ordered by activation, size, width-depth ratio."""
+def load_sweep(sweep: str, runs_dir: str | os.PathLike | None = None, order: str = "size") -> dict[str, RunResult]:
+    """Every run of one sweep, ``{run name: RunResult}``, ordered by activation, then by ``order``:
+    ``"size"`` (non-embedding parameters), ``"width_depth"`` (hidden/layers) or ``"name"``."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
     runs_dir = Path(runs_dir) if runs_dir is not None else RUNS_DIR
     folder = runs_dir / sweep
     if not folder.is_dir():
@@ -197,7 +214,7 @@ def load_sweep(sweep: str, runs_dir: str | os.PathLike | None = None) -> dict[st
     found = [_resolve(p, runs_dir) for p in sorted(folder.glob("*.json"))]
     if not found:
         raise ValueError(f"sweep folder {folder} holds no .json run results")
-    return {r.name: r for r in sorted(found, key=_order)}
+    return {r.name: r for r in sorted(found, key=ORDERS[order])}
 
 
 def load_runs(runs_dir: str | os.PathLike | None = None, sweeps: Iterable[str] | None = None,
@@ -278,6 +295,9 @@ def _summary(r: RunResult) -> dict:
     pre = [c for c in ck if c["stage"] in PRE_DECAY] or ck
     low = min(pre, key=lambda c: c["activation_ratio"])
     thr = r.data.get("throughput") or {}
+    epoch1 = r.tokens_per_epoch
+    at_epoch1 = value_at_tokens(r, epoch1, "activation_ratio") if pre[0]["tokens"] <= epoch1 <= pre[-1]["tokens"] \
+        else float("nan")
     return {
         "sweep": r.sweep, "run": r.name, "alias_of": r.alias_of, "activation": r.activation, "scale": r.scale,
         "n_params": r.n_params, "hidden_size": r.config["hidden_size"], "num_layers": r.config["num_layers"],
@@ -286,7 +306,8 @@ def _summary(r: RunResult) -> dict:
         "tokens_per_param": fin["tokens"] / r.n_params, "epochs": _mean_epochs(fin),
         "cett": r.data["tracking"]["cett"], "A_min": low["activation_ratio"], "tokens_at_min": low["tokens"],
         "A_last_stable": last["activation_ratio"], "A_final": fin["activation_ratio"],
-        "rise_from_min": last["activation_ratio"] - low["activation_ratio"],
+        "rise_from_min": last["activation_ratio"] - low["activation_ratio"], "tokens_per_epoch": epoch1,
+        "A_at_epoch1": at_epoch1, "rise_before_epoch1": at_epoch1 - low["activation_ratio"],
         "heldout_loss_last_stable": last.get("heldout_loss"), "heldout_loss_final": fin.get("heldout_loss"),
         "tokens_per_s": thr.get("tokens_per_s"), "mfu": thr.get("mfu"), "wall_seconds": thr.get("wall_seconds"),
     }
@@ -295,7 +316,9 @@ def _summary(r: RunResult) -> dict:
 def run_table(runs: Iterable[RunResult]):
     """One row per run: shape, tokens, epochs, the CETT of Algorithm 1, the activation ratio at its
     lowest pre-decay checkpoint (``A_min``), at the last stable one and at the end, the rise from the
-    lowest to the last stable one, held-out losses, and the measured training speed."""
+    lowest to the last stable one, the ratio when the first epoch ends (``A_at_epoch1``, interpolated;
+    empty when that is outside the pre-decay checkpoints) and the rise until then, held-out losses,
+    and the measured training speed."""
     import pandas as pd
 
     return pd.DataFrame([_summary(r) for r in runs])
@@ -327,6 +350,20 @@ def value_at_tokens(run: RunResult, tokens: float, column: str = "heldout_loss",
         raise ValueError(f"{run.key}: {tokens:.4g} tokens lie outside its {'/'.join(stages)} checkpoints ({span}); "
                          "no extrapolation")
     return float(np.interp(np.log(tokens), np.log(t), [float(c[column]) for c in pts]))
+
+
+def compare_at_tokens(runs: Sequence[RunResult], column: str = "heldout_loss", tokens: float | None = None):
+    """``column`` of every run at one token count (:func:`value_at_tokens`); ``tokens=None`` takes the
+    largest count all runs reached before their decay stage. Columns: ``run, activation, scale,
+    n_params, width_depth_ratio, tokens, value``."""
+    import pandas as pd
+
+    runs = list(runs)
+    if tokens is None:
+        tokens = min(_last_stable(r)["tokens"] for r in runs)
+    return pd.DataFrame([{"run": r.name, "activation": r.activation, "scale": r.scale, "n_params": r.n_params,
+                          "width_depth_ratio": r.width_depth_ratio, "tokens": tokens,
+                          "value": value_at_tokens(r, tokens, column)} for r in runs])
 
 
 # ---------------------------------------------------------------------------
@@ -381,9 +418,10 @@ def fit_activation_laws(runs: Iterable[RunResult], *, n_bootstrap: int = 200, se
 
 
 def limit_table(runs: Iterable[RunResult], fits: Mapping):
-    """One row per run with a fit: ``A0`` and its bootstrap interval (``A0_lo``, ``A0_hi``), the
-    fit's points, range (``D/N``) and RMSE, coefficients on a bound, beside the measured ratios
-    (``A_min``, ``A_last_stable``, ``A_final``)."""
+    """One row per run with a fit: the law's limit (``A0`` of Eqs. 4/5, ``L0`` of the loss law) and
+    its bootstrap interval (``<limit>_lo``, ``<limit>_hi``), the fit's points, range (``D/N``),
+    RMSE and coefficients on a bound, beside the measured ratios (``A_min``, ``A_last_stable``,
+    ``A_final``)."""
     import pandas as pd
 
     rows = []
@@ -391,14 +429,35 @@ def limit_table(runs: Iterable[RunResult], fits: Mapping):
         if r.name not in fits:
             continue
         f = fits[r.name]
+        lim = f.spec.limit_name
         lo, hi = f.limit_ci or (np.nan, np.nan)
         s = _summary(r)
         rows.append({k: s[k] for k in ("sweep", "run", "activation", "scale", "n_params", "width_depth_ratio")} | {
             "law": f.spec.reference, "n_points": f.n_points, "DN_first": float(f.D[0]) * TOKENS_PER_UNIT / r.n_params,
-            "DN_last": float(f.D[-1]) * TOKENS_PER_UNIT / r.n_params, "A0": f.params["A0"], "A0_lo": lo, "A0_hi": hi,
-            "rmse": f.rmse, "at_bound": ", ".join(f.at_bound)} | {
+            "DN_last": float(f.D[-1]) * TOKENS_PER_UNIT / r.n_params, lim: f.params[lim], f"{lim}_lo": lo,
+            f"{lim}_hi": hi, "rmse": f.rmse, "at_bound": ", ".join(f.at_bound)} | {
             k: s[k] for k in ("A_min", "A_last_stable", "A_final")})
     return pd.DataFrame(rows)
+
+
+def limit_points(table, source: str, value: str = "A0", sd: float | None = None):
+    """Rows for a figure of limits across scales (Fig. 7): ``activation, source, n_params, value,
+    lo, hi`` from any table with ``activation``, ``n_params`` and ``value`` columns. The interval is
+    ``value`` +- ``sd`` when given, else the table's ``<value>_lo``/``<value>_hi`` (empty if none)."""
+    import pandas as pd
+
+    missing = [c for c in ("activation", "n_params", value) if c not in table]
+    if missing:
+        raise ValueError(f"the table lacks {missing}; it has {list(table.columns)}")
+    v = table[value].astype(float)
+    if sd is not None:
+        lo, hi = v - sd, v + sd
+    elif f"{value}_lo" in table:
+        lo, hi = table[f"{value}_lo"].astype(float), table[f"{value}_hi"].astype(float)
+    else:
+        lo = hi = pd.Series(np.nan, index=table.index)
+    return pd.DataFrame({"activation": table["activation"], "source": source, "n_params": table["n_params"].astype(float),
+                         "value": v, "lo": lo, "hi": hi}).reset_index(drop=True)
 
 
 def fit_loss_limits(runs: Iterable[RunResult], *, column: str = "heldout_loss", min_tokens_per_param: float = 0.0,
@@ -435,8 +494,8 @@ def _check_seed_group(runs: Sequence[RunResult]) -> None:
         raise ValueError(f"the runs repeat a seed ({seeds}); give each seed once (drop aliases)")
 
 
-SPREAD_QUANTITIES = ("A_min", "A_last_stable", "A_final", "rise_from_min", "heldout_loss_last_stable",
-                     "heldout_loss_final", "cett")
+SPREAD_QUANTITIES = ("A_min", "A_last_stable", "A_final", "rise_from_min", "rise_before_epoch1",
+                     "heldout_loss_last_stable", "heldout_loss_final", "cett")
 
 
 def seed_spread(runs: Sequence[RunResult], quantities: Sequence[str] = SPREAD_QUANTITIES):
