@@ -307,7 +307,8 @@ def _summary(r: RunResult) -> dict:
         "cett": r.data["tracking"]["cett"], "A_min": low["activation_ratio"], "tokens_at_min": low["tokens"],
         "A_last_stable": last["activation_ratio"], "A_final": fin["activation_ratio"],
         "rise_from_min": last["activation_ratio"] - low["activation_ratio"], "tokens_per_epoch": epoch1,
-        "A_at_epoch1": at_epoch1, "rise_before_epoch1": at_epoch1 - low["activation_ratio"],
+        "A_at_epoch1": at_epoch1,
+        "rise_before_epoch1": at_epoch1 - low["activation_ratio"] if epoch1 >= low["tokens"] else float("nan"),
         "heldout_loss_last_stable": last.get("heldout_loss"), "heldout_loss_final": fin.get("heldout_loss"),
         "tokens_per_s": thr.get("tokens_per_s"), "mfu": thr.get("mfu"), "wall_seconds": thr.get("wall_seconds"),
     }
@@ -317,7 +318,8 @@ def run_table(runs: Iterable[RunResult]):
     """One row per run: shape, tokens, epochs, the CETT of Algorithm 1, the activation ratio at its
     lowest pre-decay checkpoint (``A_min``), at the last stable one and at the end, the rise from the
     lowest to the last stable one, the ratio when the first epoch ends (``A_at_epoch1``, interpolated;
-    empty when that is outside the pre-decay checkpoints) and the rise until then, held-out losses,
+    empty when that is outside the pre-decay checkpoints) and the rise from the lowest point until
+    then (empty when the first epoch ends before the lowest point), held-out losses,
     and the measured training speed."""
     import pandas as pd
 
