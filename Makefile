@@ -38,3 +38,6 @@ test: setup
 
 notebooks: setup
 	$(PY) -m papermill notebooks/02_activation_vs_data.ipynb outputs/02_activation_vs_data/02_activation_vs_data.ipynb --cwd notebooks
+	@for nb in 03_training_runs 04_width_depth 05_scale_and_patterns; do \
+	  mkdir -p outputs/$$nb && $(PY) -m papermill notebooks/$$nb.ipynb outputs/$$nb/$$nb.ipynb --cwd notebooks || exit 1; \
+	done
