@@ -159,13 +159,13 @@ def plot_derivative_vs_ratio(frame, y: str = "dA_dratio", axes=None):
     acts = [a for a in ("relu", "silu") if (frame["activation"] == a).any()]
     fig, axes = _axes(axes, len(acts), (5.5 * len(acts), 4))
     colors = _palette(list(frame["scale"]))
-    sources = list(dict.fromkeys(frame["source"])) if "source" in frame else [None]
-    styles = dict(zip(sources, ("-", "--", ":", "-.")))
+    if "source" not in frame:
+        frame = frame.assign(source="")
+    styles = dict(zip(dict.fromkeys(frame["source"]), ("-", "--", ":", "-.")))
     for ax, act in zip(axes, acts):
         t = frame[frame["activation"] == act]
-        for (scale, src), g in t.groupby(["scale", t["source"] if "source" in t else np.full(len(t), None)],
-                                         sort=False, dropna=False):
-            label = scale if src is None else f"{scale} ({src})"
+        for (scale, src), g in t.groupby(["scale", "source"], sort=False):
+            label = f"{scale} ({src})" if src else scale
             ax.plot(g["data_ratio"], np.abs(g[y]), styles[src], color=colors[scale], label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -112,8 +112,8 @@ class RunResult:
 
     @property
     def scale(self) -> str:
-        """``N`` as a label, e.g. ``"1.9M"``."""
-        return f"{self.n_params / 1e6:.1f}M"
+        """``N`` as a label, e.g. ``"1.9M"`` (``"40.0k"`` below 100k parameters)."""
+        return f"{self.n_params / 1e6:.1f}M" if self.n_params >= 1e5 else f"{self.n_params / 1e3:.1f}k"
 
     @property
     def width_depth_ratio(self) -> float:

@@ -102,7 +102,7 @@ def test_sweep_order_by_size_or_width_depth(tree):
     assert list(runs.load_sweep("activation", tree)) == ["relu-a", "relu-b", "silu-a"]  # relu: N 1000, 4000
     assert list(runs.load_sweep("activation", tree, order="width_depth")) == ["relu-a", "relu-b", "silu-a"]
     r = runs.load_sweep("activation", tree)["relu-b"]
-    assert (r.scale, r.width_depth_ratio, r.n_params, r.activation) == ("0.0M", 24.0, 4000, "relu")
+    assert (r.scale, r.width_depth_ratio, r.n_params, r.activation) == ("4.0k", 24.0, 4000, "relu")
     with pytest.raises(ValueError, match="order must be one of"):
         runs.load_sweep("activation", tree, order="age")
 
@@ -227,7 +227,7 @@ def test_checkpoint_frame_and_run_table(tree):
     assert a.A_at_epoch1 == pytest.approx(0.16 + w * 0.02) and a.rise_before_epoch1 == pytest.approx(0.01 + w * 0.02)
     assert (a.epochs, a.tokens_per_param, a.heldout_loss_last_stable) == pytest.approx((2.0, 200.0, 5.2 - 1.5))
     curves = runs.loss_curve_frame(act)
-    assert len(curves) == 6 and set(curves["scale"]) == {"0.0M"}
+    assert len(curves) == 6 and curves["scale"].tolist() == ["1.0k"] * 2 + ["4.0k"] * 2 + ["1.0k"] * 2
 
 
 def test_value_at_tokens_and_compare_at_tokens(tree):
@@ -416,3 +416,59 @@ def test_shipped_results_are_complete_and_not_duplicated():
     for r in full[1:]:  # all were measured on one corpus: their per-token ratios can be paired
         runs.token_ratio_pair(ref, r, "prose")
         assert r.data["corpus"]["unique_tokens"]["total"] == 148_704_201
+
+
+# ---------------------------------------------------------------------------
+# the figures of notebooks 03-05 draw the tables they are given
+# ---------------------------------------------------------------------------
+def test_run_figures_draw_their_tables(tree):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sparsing_utils import analysis, plots
+
+    act = list(runs.load_sweep("activation", tree).values())
+    frame = runs.checkpoint_frame(act)
+    fits = {"all": runs.fit_activation_laws(act, n_bootstrap=0)}
+    fig = plots.plot_run_activation(frame, fits)
+    relu_ax = fig.axes[0]
+    filled = [ln for ln in relu_ax.get_lines() if ln.get_marker() == "o" and ln.get_label() == "relu-a"]
+    assert filled[0].get_ydata().tolist() == [0.30, 0.22, 0.17, 0.15, 0.16, 0.18]  # pre-decay points
+    curve = next(ln for ln in relu_ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata()) == 200)
+    np.testing.assert_allclose(curve.get_ydata(), fits["all"]["relu-a"].predict(curve.get_xdata()))
+    seeds = list(runs.load_sweep("seeds", tree).values())
+    band = runs.seed_band(seeds)
+    fig = plots.plot_seed_band(runs.checkpoint_frame(seeds), band)
+    (poly,) = fig.axes[0].collections
+    ys = poly.get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(band["max"].max()) and ys.min() == pytest.approx(band["min"].min())
+    pair = runs.token_ratio_pair(act[0], act[1], "code")
+    fig = plots.plot_token_ratio_pairs([pair])
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([pair["x"], pair["y"]]))
+    assert f"r = {pair['r']:.2f}" in fig.axes[0].get_title()
+    freq = runs.neuron_frequency_frame(act)
+    fig = plots.plot_neuron_frequency(freq, bins=10)
+    assert len(fig.axes) == 4  # (relu, silu) x (code, prose)
+    assert len(fig.axes[0].patches) == 2  # relu-a, relu-b on code
+    for patch in fig.axes[0].patches:  # step histograms with density=True enclose an area of 1 (shoelace)
+        x, y = patch.get_path().vertices.T
+        assert 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) == pytest.approx(1.0)
+    points = runs.limit_points(runs.run_table(act), "ours", "A_last_stable", sd=0.01)
+    fig = plots.plot_limit_vs_params(points)
+    pts, _, (bars,) = fig.axes[0].containers[0]
+    assert pts.get_ydata().tolist() == [0.18, 0.12]
+    np.testing.assert_allclose(bars.get_segments()[0][:, 1], [0.17, 0.19])
+    bfit = analysis.fit_bottleneck([1, 2, 4, 8, 16], [0.1, 0.2, 0.4, 0.45, 0.45])
+    fig = plots.plot_bottleneck(bfit, yerr=0.02, xscale="log")
+    pts, _, (bars,) = fig.axes[0].containers[0]
+    assert fig.axes[0].get_xscale() == "log" and bars.get_segments()[0][:, 1].tolist() == pytest.approx([0.08, 0.12])
+    loss = runs.compare_at_tokens(act[:2])
+    fig = plots.plot_width_depth_loss(loss, y="value", yerr=0.01, fits=runs.fit_loss_limits(act[:2], n_bootstrap=0))
+    assert fig.axes[0].containers[0][0].get_ydata().tolist() == pytest.approx(loss["value"].tolist())
+    fig = plots.plot_loss_curves(runs.loss_curve_frame(act), frame)
+    assert [ln.get_ydata().tolist() for ln in fig.axes[0].get_lines()[:1]] == [[6.0, 5.0]]
+    fig = plots.plot_repetition(frame[frame["run"] == "relu-a"])
+    assert fig.axes[0].get_lines()[0].get_ydata().tolist() == [0.30, 0.22, 0.17, 0.15, 0.16, 0.18, 0.19]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
