@@ -21,7 +21,7 @@ OUT ?= outputs/01_ppl_p_sparsity
 PARAMS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup main test notebooks figures
+.PHONY: setup main test notebooks figures nbval
 
 .venv/bin/python:
 	@$(BASE_PYTHON) -m venv .venv || { echo "could not create .venv with $(BASE_PYTHON): on Debian/Ubuntu install" \
@@ -42,6 +42,13 @@ test: setup
 notebooks: setup
 	mkdir -p outputs/02_activation_vs_data
 	$(PY) -m papermill notebooks/02_activation_vs_data.ipynb outputs/02_activation_vs_data/02_activation_vs_data.ipynb --cwd notebooks
+	@for nb in 03_training_runs 04_width_depth 05_scale_and_patterns; do \
+	  mkdir -p outputs/$$nb && $(PY) -m papermill notebooks/$$nb.ipynb outputs/$$nb/$$nb.ipynb --cwd notebooks || exit 1; \
+	done
 
 figures: main notebooks
 	$(PY) scripts/figures.py --outputs outputs --dest docs/figures
+
+# every notebook with its default parameters under nbval (lax): do they all still run? (not CI: a second execution)
+nbval: setup
+	$(PY) -m pytest --nbval-lax --nbval-current-env -q -p no:cacheprovider notebooks/*.ipynb  # kernels start in notebooks/

@@ -11,9 +11,10 @@ plan's estimate x the median actual/estimated ratio of the runs finished so far)
    (retried once on failure: with ``--resume`` if the run folder exists, and without
    ``torch.compile`` if the log shows a compiler error);
 2. tracked at once: ``sparsing track`` (Algorithm 1 and patterns) -> ``WORK/tracked/NAME.json``;
-3. copied to ``RESULTS/<sweep>/<name in that sweep>.json`` for every sweep it belongs to, and
-   ``RESULTS/../results.tar.gz`` is repacked (results + each run's config.json and log.jsonl), so a
-   machine lost later loses only unfinished runs.
+3. published: the full result to ``RESULTS/<first sweep>/<name there>.json`` and an alias file
+   (``{"format": "sparsing-run-alias/1", ..., "same_as": "<first sweep>/<name>.json"}``) to every
+   other sweep it belongs to, the layout of ``data/runs/``; ``RESULTS/../results.tar.gz`` is repacked
+   (results + each run's config.json and log.jsonl), so a machine lost later loses only unfinished runs.
 
 ``WORK/status.json`` (rewritten atomically every few seconds) says where every run stands;
 ``scripts/gpu_status.sh`` prints it. CPU mode (``--device cpu``, for tests and dry runs) runs the
@@ -121,10 +122,14 @@ class Run:
                      "--device", self.args.device, "--sweep", next(iter(self.entry["sweeps"])), "--quiet"])
 
     def publish(self) -> None:
-        """Copy the tracked result into every sweep it belongs to (under that sweep's name for it)."""
-        payload = json.loads(self.tracked.read_text())
-        for sweep, alias in self.entry["sweeps"].items():
-            atomic_json(self.args.results / sweep / f"{alias}.json", {**payload, "sweep": sweep, "run": alias})
+        """Ship the tracked result into every sweep it belongs to (under that sweep's name for it): the
+        full file once, in the first sweep of the plan entry, and a small alias file in each other
+        (``sparsing_utils.runs.publish``), so ``data/runs/`` holds no duplicate."""
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from sparsing_utils.runs import publish
+
+        publish(json.loads(self.tracked.read_text()), self.entry["sweeps"], self.args.results)
         self.state, self.finished = "done", time.time()
 
     # -- status -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``plots``         one function per figure
 - ``training`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: pre-train small models
   on packed token shards, checkpoints, Algorithm 1 through training (``sparsing train`` / ``track``)
+- ``runs``          the shipped results of our runs (``data/runs/``): loading, tables, series, seed spread
 - ``textclean``     markup -> plain text for the training corpus (``scripts/build_corpus.py``)
 
 The measuring names are importable from the package itself (``sparsing_utils.SparsityProbe``);

@@ -17,7 +17,9 @@
   final one), under their PPL-p% thresholds: per-neuron activation frequency per layer on held-out
   prose and on held-out code separately, the dead-neuron share (activated on < 0.1% of tokens, the
   paper's definition) and per-token activation ratios on a fixed token set (the first held-out
-  tokens of each domain: the same tokens for every run that shares the corpus and block length).
+  tokens of each domain: the same tokens for every run that shares the corpus and block length),
+  whose token ids are recorded once (``patterns.token_ids``: per domain, a list of ints) so that
+  ratios can also be averaged per vocabulary token, as the paper's Fig. 10 does.
 * the config, plan, corpus summary, code versions and the throughput/MFU summary of ``log.jsonl``.
 
 Floats are rounded (4 significant digits for frequencies and per-token ratios) so a run's JSON
@@ -253,7 +255,9 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
                      "mode": mode, "device": str(dev), "seconds": round(time.perf_counter() - start, 1)},
         "checkpoints": records,
         "patterns": {"block_len": block_len, "tokens_per_domain": pattern_tokens, "token_set_per_domain": token_set,
-                     "dead_frequency": DEAD_FREQUENCY, "checkpoints": patterns},
+                     "dead_frequency": DEAD_FREQUENCY,
+                     "token_ids": {d: b.input_ids.flatten()[:token_set].tolist() for d, b in pattern_blocks.items()},
+                     "checkpoints": patterns},
     }
     if out is not None:
         atomic_write_json(out, payload, indent=None)

@@ -6,7 +6,8 @@
 - :func:`check_reference` compares key numbers with committed reference values
   (``tests/reference/<name>.json``, tolerances stated in the file); run the test with
   ``SPARSING_UPDATE_REFERENCE=1`` to rewrite the file after a deliberate change, then review the diff;
-- the other key numbers are recomputed in the test itself with the package functions.
+- the other key numbers are recomputed in the test itself with the package functions, or by hand
+  from the shipped run results (:func:`shipped_run`); :func:`assert_figures` checks the saved figures.
 """
 from __future__ import annotations
 
@@ -136,3 +137,25 @@ def check_reference(actual: dict, name: str, *, about: str, parameters: dict, to
     errors: list[str] = []
     _compare(json.loads(json.dumps(actual)), ref["values"], ref["tolerance"], name, errors)
     assert not errors, f"{len(errors)} values differ from {path.name}:\n" + "\n".join(errors[:40])
+
+
+RUNS_DIR = ROOT / "data" / "runs"
+
+
+def shipped_run(key: str) -> dict:
+    """A shipped training-lab result (``data/runs/<sweep>/<run>.json``) read with ``json`` alone,
+    an alias followed by hand: for checks that do not go through ``sparsing_utils.runs``."""
+    obj = json.loads((RUNS_DIR / f"{key}.json").read_text())
+    if obj.get("format") == "sparsing-run-alias/1":
+        obj = json.loads((RUNS_DIR / obj["same_as"]).read_text())
+    return obj
+
+
+def assert_figures(out: Path, names) -> None:
+    """Every ``<out>/<name>.png`` exists, is a real figure (at least 300 x 400 pixels) and not blank."""
+    import matplotlib.image
+
+    for name in names:
+        img = matplotlib.image.imread(out / f"{name}.png")
+        assert img.shape[0] > 300 and img.shape[1] > 400, (name, img.shape)
+        assert img[..., :3].std() > 0.05, f"{name}.png is blank"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _lab import tiny_config, write_tiny_corpus
 
-from sparsing_utils import cli
+from sparsing_utils import cli, runs
 from sparsing_utils.checkpoints import list_checkpoints, load_checkpoint_model
 from sparsing_utils.shards import open_corpus
 from sparsing_utils.tracking import DEAD_FREQUENCY, throughput_summary, track
@@ -120,6 +120,11 @@ def test_patterns_per_domain_and_token_set(run, tracked):
         assert d["activation_ratio"] == pytest.approx(np.mean(ratios), abs=2e-4)
         assert d["dead_share"] == pytest.approx(np.mean(freq < DEAD_FREQUENCY), abs=1 / 74)
         np.testing.assert_allclose(final["token_activation_ratio"][domain], per_token[:64].numpy(), atol=2e-3)
+        ids = blocks.input_ids.flatten()[:64]
+        assert r["patterns"]["token_ids"][domain] == ids.tolist()  # the token set, recorded once per domain
+        by_id = runs.token_ratios(runs.load_run(tracked), domain, "final", by="vocabulary")
+        for tok in ids.unique().tolist():  # Fig. 10 per vocabulary token: the mean over that id's positions
+            assert by_id[tok] == pytest.approx(float(per_token[:64][ids == tok].mean()), abs=2e-3)
         all_freq.append(freq)
     assert final["dead_share_all"] == pytest.approx(np.mean(np.mean(all_freq, axis=0) < DEAD_FREQUENCY), abs=1 / 74)
 
