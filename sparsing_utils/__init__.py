@@ -21,8 +21,9 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``series`` / ``prefit`` / ``fitting``  series input, starting points, lmfit fits with bootstrap CIs
 - ``analysis``      notebook 02's analyses: Table 2 explained, forecasts, derived laws (Figs. 5, 8, 12)
 - ``plots``         one function per figure
-- ``training`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: pre-train small models
-  on packed token shards, checkpoints, Algorithm 1 through training (``sparsing train`` / ``track``)
+- ``training`` / ``trainer`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: what a run
+  is (config, schedule, accounting) and how it is trained, on packed token shards, with checkpoints;
+  Algorithm 1 through training (``sparsing train`` / ``track``)
 - ``textclean``     markup -> plain text for the training corpus (``scripts/build_corpus.py``)
 
 The measuring names are importable from the package itself (``sparsing_utils.SparsityProbe``);
@@ -76,7 +77,8 @@ from .search import EvaluationTable, search_checkpoints, search_ppl_p
 from .shards import open_corpus
 from .sources import BUILTIN_SOURCES, load_text
 from .tracking import track
-from .training import TrainConfig, train
+from .trainer import train
+from .training import TrainConfig
 
 __all__ = [
     "BUILTIN_SOURCES",

@@ -19,6 +19,7 @@ from _lab import VOCAB, recurrence, tiny_config, write_tiny_corpus
 from sparsing_utils import cli
 from sparsing_utils.checkpoints import list_checkpoints
 from sparsing_utils.shards import PackedSampler, open_corpus
+from sparsing_utils.trainer import train
 from sparsing_utils.training import (
     TrainConfig,
     build_model,
@@ -26,7 +27,6 @@ from sparsing_utils.training import (
     flops_per_token,
     make_plan,
     non_embedding_params,
-    train,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_flops_per_token_against_a_hand_count_and_the_flop_counter(tmp_path):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sparsing_utils.training import NextTokenLoss
+    from sparsing_utils.trainer import NextTokenLoss
 
     cfg = tiny_config(tmp_path, hidden_size=48, num_heads=3, num_kv_heads=1, d_ff=80, num_layers=2, seq_len=16,
                       global_batch_tokens=32, micro_batch_size=None, total_tokens=32 * 40)
