@@ -15,7 +15,7 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``search``        the PPL-p% search on the CETT target and Algorithm 1 (``EvaluationTable``)
 - ``pareto``        PPL-vs-activation sweeps of each rule family (Fig. 3)
 - ``results``       result objects (JSON, atomic) and ``sparse_inference``
-- ``jsonio``        the one atomic JSON writer, and the check that an output path can be written
+- ``jsonio``        the one atomic file writer (JSON or bytes), and the check that an output path can be written
 - ``measure``       model + text -> report, end to end (the ``sparsing measure`` command)
 - ``laws``          the laws (Eq. 4, Eq. 5, alternatives), one table entry each; the paper's tables
 - ``series`` / ``prefit`` / ``fitting``  series input, starting points, lmfit fits with bootstrap CIs

@@ -198,6 +198,22 @@ def test_batches_are_a_pure_function_of_step_and_cover_each_epoch(tmp_path):
     assert small.batch(0)[:, -1].max() < 30000 + 900 and small.n_blocks == {"code": 56, "prose": 124}
 
 
+def test_corpus_files_are_written_whole_with_the_usual_permissions(tmp_path):
+    """write_corpus goes through jsonio's atomic writer: no temporary file is left, every file
+    has the umask's permissions (not mkstemp's 0600), and the token files hold the ids given."""
+    from sparsing_utils.shards import write_corpus
+
+    out = write_corpus(tmp_path / "c", train={"prose": np.arange(300) % 97}, heldout={"prose": np.arange(40)},
+                       vocab_size=97, eos_id=0, tokenizer_json="{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["heldout_prose.bin", "meta.json", "tokenizer.json", "train_prose.bin"]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~mask)}
+    assert np.array_equal(np.fromfile(out / "train_prose.bin", dtype="<u2"), np.arange(300) % 97)
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
 def test_corpus_errors_say_what_is_missing(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_corpus(tmp_path / "nowhere")
