@@ -243,23 +243,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_hwm() -> int | None:
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory line of Linux ``/proc/self/status`` in bytes (``VmRSS``: resident now, ``VmHWM``:
+    its high-water mark); ``None`` where there is no such file or line."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _rss_now() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024  # the file says kB
     except OSError:
         return None
     return None
@@ -288,7 +279,7 @@ class PeakMemory:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                self.baseline = _rss_now()
+                self.baseline = _proc_status_bytes("VmRSS")
             except OSError:
                 self.baseline = None
         return self
@@ -298,7 +289,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
         elif self.baseline is not None:
-            self.peak = _rss_hwm()
+            self.peak = _proc_status_bytes("VmHWM")
         return False
 
     def report(self) -> dict:

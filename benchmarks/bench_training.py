@@ -96,7 +96,8 @@ def worker(args) -> None:
     import torch
 
     from sparsing_utils.shards import open_corpus
-    from sparsing_utils.training import Trainer, init_distributed, make_plan
+    from sparsing_utils.trainer import Trainer, init_distributed
+    from sparsing_utils.training import make_plan
 
     env = init_distributed(args.device)
     cfg = make_config(args.config, corpus=args.corpus, compile=args.compile == "on", world=env.world,

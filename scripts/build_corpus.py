@@ -34,6 +34,7 @@ from the same inputs give byte-identical shards and meta.json (timings go to tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -53,7 +54,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -239,18 +240,26 @@ def files_digest(entries: Iterable[tuple[str, int, str]]) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers see the old file or the new one."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle on a temporary file beside ``path``, renamed to ``path`` when the block ends
+    (removed if it raises): readers see the old file or the new one. (Not the package's
+    ``jsonio.atomic_write_bytes``: importing the package loads torch, see above.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -258,19 +267,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_tokens(path: Path, arrays: list[np.ndarray]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for arr in arrays:
-                handle.write(np.ascontiguousarray(arr, dtype=DTYPE).tobytes())
-                n += len(arr)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        for arr in arrays:
+            handle.write(np.ascontiguousarray(arr, dtype=DTYPE).tobytes())
+            n += len(arr)
     return n
 
 

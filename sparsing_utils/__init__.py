@@ -15,14 +15,15 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``search``        the PPL-p% search on the CETT target and Algorithm 1 (``EvaluationTable``)
 - ``pareto``        PPL-vs-activation sweeps of each rule family (Fig. 3)
 - ``results``       result objects (JSON, atomic) and ``sparse_inference``
-- ``jsonio``        the one atomic JSON writer, and the check that an output path can be written
+- ``jsonio``        the one atomic file writer (JSON or bytes), and the check that an output path can be written
 - ``measure``       model + text -> report, end to end (the ``sparsing measure`` command)
 - ``laws``          the laws (Eq. 4, Eq. 5, alternatives), one table entry each; the paper's tables
 - ``series`` / ``prefit`` / ``fitting``  series input, starting points, lmfit fits with bootstrap CIs
 - ``analysis``      notebook 02's analyses: Table 2 explained, forecasts, derived laws (Figs. 5, 8, 12)
 - ``plots``         one function per figure
-- ``training`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: pre-train small models
-  on packed token shards, checkpoints, Algorithm 1 through training (``sparsing train`` / ``track``)
+- ``training`` / ``trainer`` / ``shards`` / ``checkpoints`` / ``tracking``  the training lab: what a run
+  is (config, schedule, accounting) and how it is trained, on packed token shards, with checkpoints;
+  Algorithm 1 through training (``sparsing train`` / ``track``)
 - ``runs``          the shipped results of our runs (``data/runs/``): loading, tables, series, seed spread
 - ``textclean``     markup -> plain text for the training corpus (``scripts/build_corpus.py``)
 
@@ -77,7 +78,8 @@ from .search import EvaluationTable, search_checkpoints, search_ppl_p
 from .shards import open_corpus
 from .sources import BUILTIN_SOURCES, load_text
 from .tracking import track
-from .training import TrainConfig, train
+from .trainer import train
+from .training import TrainConfig
 
 __all__ = [
     "BUILTIN_SOURCES",

@@ -198,7 +198,25 @@ def _as_int(value: Any, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _check_args(tokens: int, block_len: int, split: str, calibration_fraction: float) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class _BlockPlan:
+    """How blocks are cut from a token stream: the checked cutting arguments of :func:`make_blocks`
+    and :func:`blocks_from_text` (both take the same ones)."""
+
+    tokens: int
+    block_len: int
+    split: str
+    calibration_fraction: float
+    seed: int
+    shuffle: bool
+
+    @property
+    def n_blocks(self) -> int:
+        return self.tokens // self.block_len
+
+
+def _check_args(tokens: int, block_len: int, split: str, calibration_fraction: float, seed: int,
+                shuffle: bool) -> _BlockPlan:
     block_len, tokens = _as_int(block_len, "block_len"), _as_int(tokens, "tokens")
     if block_len < 2:
         raise ValueError(f"block_len must be an integer of at least 2 (a next-token loss needs two tokens), got {block_len!r}")
@@ -211,7 +229,7 @@ def _check_args(tokens: int, block_len: int, split: str, calibration_fraction: f
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 < float(calibration_fraction) < 1.0:
         raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
-    return tokens, block_len, tokens // block_len
+    return _BlockPlan(tokens, block_len, split, calibration_fraction, seed, shuffle)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
@@ -219,20 +237,10 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 
 def _blocks_from_stream(
-    ids: torch.Tensor,
-    *,
-    complete: bool,
-    n_blocks: int,
-    block_len: int,
-    tokens: int,
-    split: str,
-    calibration_fraction: float,
-    seed: int,
-    shuffle: bool,
-    source: str,
-    description: str,
-    tokenizer: Any,
+    ids: torch.Tensor, plan: _BlockPlan, *, complete: bool, source: str, description: str, tokenizer: Any
 ) -> TokenBlocks:
+    tokens, block_len, n_blocks, split = plan.tokens, plan.block_len, plan.n_blocks, plan.split
+    calibration_fraction, seed, shuffle = plan.calibration_fraction, plan.seed, plan.shuffle
     total = int(ids.numel())
     if split == "all":
         start, stop = 0, total
@@ -300,23 +308,11 @@ def blocks_from_text(
     description: str = "",
 ) -> TokenBlocks:
     """Blocks from a raw string (see :func:`make_blocks` for the arguments)."""
-    tokens, block_len, n_blocks = _check_args(tokens, block_len, split, calibration_fraction)
+    plan = _check_args(tokens, block_len, split, calibration_fraction, seed, shuffle)
     _check_text(text, source)
     ids = tokenize_text(tokenizer, text)
-    return _blocks_from_stream(
-        ids,
-        complete=True,
-        n_blocks=n_blocks,
-        block_len=block_len,
-        tokens=tokens,
-        split=split,
-        calibration_fraction=calibration_fraction,
-        seed=seed,
-        shuffle=shuffle,
-        source=source,
-        description=description or f"raw text ({len(text):,} chars)",
-        tokenizer=tokenizer,
-    )
+    return _blocks_from_stream(ids, plan, complete=True, source=source,
+                               description=description or f"raw text ({len(text):,} chars)", tokenizer=tokenizer)
 
 
 # The splits need the whole source tokenized (the full stdlib takes ~10 s); remember the last
@@ -398,10 +394,10 @@ def make_blocks(
     With ``split="all"`` and ``shuffle=False`` only as much of the source is read and tokenized
     as the budget needs; the splits need the whole source (the cut depends on its length).
     """
-    tokens, block_len, n_blocks = _check_args(tokens, block_len, split, calibration_fraction)
+    plan = _check_args(tokens, block_len, split, calibration_fraction, seed, shuffle)
     spec = os.fspath(source_or_text)
     lazy = split == "all" and not shuffle
-    need = n_blocks * block_len
+    need = plan.n_blocks * plan.block_len
     budget = None
     if lazy:
         budget = max(need * 8, 4 * _CHUNK_CHARS)  # generous chars-per-token guess, grown if short
@@ -425,17 +421,4 @@ def make_blocks(
                 budget = min(budget, max_chars)
         if not lazy:
             _stream_cache_put(tokenizer, spec, text_field, max_chars, ids, description)
-    return _blocks_from_stream(
-        ids,
-        complete=complete,
-        n_blocks=n_blocks,
-        block_len=block_len,
-        tokens=tokens,
-        split=split,
-        calibration_fraction=calibration_fraction,
-        seed=seed,
-        shuffle=shuffle,
-        source=spec,
-        description=description,
-        tokenizer=tokenizer,
-    )
+    return _blocks_from_stream(ids, plan, complete=complete, source=spec, description=description, tokenizer=tokenizer)

@@ -117,7 +117,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .shards import open_corpus
-    from .training import TrainConfig, make_plan, train
+    from .trainer import train
+    from .training import TrainConfig, make_plan
 
     cfg = TrainConfig.from_json(args.config)
     if args.corpus:

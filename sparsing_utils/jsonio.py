@@ -1,5 +1,5 @@
-"""Results on disk: JSON written atomically, so a crash never leaves a half-written file, and a
-check that an output path can be written, made before any expensive work."""
+"""Results on disk: files (JSON, or any bytes) written atomically, so a crash never leaves a
+half-written file, and a check that an output path can be written, made before any expensive work."""
 from __future__ import annotations
 
 import contextlib
@@ -8,23 +8,22 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "check_writable"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "check_writable"]
 
 
-def atomic_write_json(path: str | os.PathLike, payload, *, indent: int = 1) -> Path:
-    """Write ``payload`` as JSON to ``path``: a temporary file in the same folder, flushed to disk,
-    then ``os.replace``. NaN/inf are refused (``ValueError``) before anything is written; the
-    file gets the usual permissions (``mkstemp`` alone would leave it 0600)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path``: a temporary file in the same folder (created with its parents),
+    flushed to disk, then ``os.replace``, so readers see the old file or the new one, never a part.
+    The file gets the usual permissions (``mkstemp`` alone would leave it 0600)."""
     path = Path(path)
-    text = json.dumps(payload, indent=indent, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -33,6 +32,13 @@ def atomic_write_json(path: str | os.PathLike, payload, *, indent: int = 1) -> P
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, payload, *, indent: int = 1) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (:func:`atomic_write_bytes`). NaN/inf are
+    refused (``ValueError``) before anything is written."""
+    text = json.dumps(payload, indent=indent, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -18,11 +18,9 @@ epochs over domain ``d`` (:meth:`PackedSampler.epochs`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,20 +286,6 @@ class PackedSampler:
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_corpus(path: str | os.PathLike, *, train: Mapping[str, np.ndarray], heldout: Mapping[str, np.ndarray],
                  vocab_size: int, eos_id: int, tokenizer_json: str | None = None, extra: dict | None = None) -> Path:
     """Write a corpus folder in the shard format: token files first (atomically), ``meta.json`` last.
@@ -309,7 +293,7 @@ def write_corpus(path: str | os.PathLike, *, train: Mapping[str, np.ndarray], he
     ``train``/``heldout``: domain -> 1-D token ids (< ``vocab_size``). ``tokenizer_json``: the text
     of a ``tokenizers`` JSON file, if any.
     """
-    from .jsonio import atomic_write_json
+    from .jsonio import atomic_write_bytes, atomic_write_json
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -320,7 +304,7 @@ def write_corpus(path: str | os.PathLike, *, train: Mapping[str, np.ndarray], he
             if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= vocab_size:
                 raise ValueError(f"{split} {domain}: token ids must be a non-empty 1-D array in [0, {vocab_size})")
             name = f"{split}_{domain}.bin"
-            _atomic_bytes(path / name, ids.astype(_DTYPE).tobytes())
+            atomic_write_bytes(path / name, ids.astype(_DTYPE).tobytes())
             if split == "train":
                 splits["train"]["files"].append(name)
                 splits["train"]["tokens"] += int(ids.size)
@@ -332,7 +316,7 @@ def write_corpus(path: str | os.PathLike, *, train: Mapping[str, np.ndarray], he
             "unique_tokens": {d: int(np.asarray(a).size) for d, a in train.items()},
             "builder": {"script": "sparsing_utils.shards.write_corpus"}}
     if tokenizer_json is not None:
-        _atomic_bytes(path / "tokenizer.json", tokenizer_json.encode())
+        atomic_write_bytes(path / "tokenizer.json", tokenizer_json.encode())
         meta["tokenizer"] = "tokenizer.json"
     meta.update(extra or {})
     atomic_write_json(path / "meta.json", meta)

@@ -1,7 +1,7 @@
 """Sparsity through training: Algorithm 1 over a run's checkpoints, and activation patterns.
 
 ``track(run_dir)`` (the ``sparsing track`` command) reads a run folder written by
-:func:`sparsing_utils.training.train` and writes the run's shipped result
+:func:`sparsing_utils.trainer.train` and writes the run's shipped result
 (``data/runs/<sweep>/<run>.json``):
 
 * **Algorithm 1** (PAPER.md Sec. 1): ONE CETT ``c`` for the list of the run's *stable-stage*

@@ -1,6 +1,7 @@
 """Notebook tests: run a notebook ONCE, as CI does, then check what it produced.
 
 - :func:`execute` runs the notebook with papermill (smoke parameters, ``cwd`` = its folder);
+  :func:`execute_once` does it into a fresh temporary folder (a test module's ``run`` fixture);
 - :func:`headline_text` returns what the cells tagged ``headline`` printed, to be checked for the
   expected numbers (:func:`numbers_in` reads them);
 - :func:`check_reference` compares key numbers with committed reference values
@@ -44,9 +45,20 @@ def execute(notebook: Path, out: Path, parameters: dict) -> Path:
     return out
 
 
-def assert_thin_and_stripped(notebook: Path) -> list[dict]:
+def execute_once(tmp_path_factory, notebook: Path, parameters: dict) -> tuple[Path, Path]:
+    """:func:`execute` ``notebook`` (``NN_name.ipynb``) into a fresh temporary folder ``nbNN``, with
+    ``output_dir`` = its ``out`` subfolder added to ``parameters``: returns (executed notebook, out)."""
+    key = notebook.name[:2]
+    tmp = tmp_path_factory.mktemp(f"nb{key}")
+    out = tmp / "out"
+    executed = execute(notebook, tmp / f"{key}.ipynb", {**parameters, "output_dir": str(out)})
+    return executed, out
+
+
+def assert_thin_and_stripped(notebook: Path, *, headlines: int | None = None) -> list[dict]:
     """House rules: a tagged ``parameters`` cell first, no function/class/lambda definitions,
-    committed without outputs, under 2 MB, citing the paper. Returns the code cells."""
+    committed without outputs, under 2 MB, citing the paper; with ``headlines``, that many cells
+    tagged ``headline``. Returns the code cells."""
     cells = json.loads(notebook.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
     assert "parameters" in code[0].get("metadata", {}).get("tags", [])
@@ -56,6 +68,9 @@ def assert_thin_and_stripped(notebook: Path) -> list[dict]:
         assert not c.get("outputs") and c.get("execution_count") is None, "commit the notebook without outputs"
     assert notebook.stat().st_size < 2_000_000
     assert any("2411.02335" in "".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    if headlines is not None:
+        tagged = len(tagged_cells(notebook, "headline"))
+        assert tagged == headlines, f"{notebook.name}: {tagged} cells tagged 'headline', expected {headlines}"
     return code
 
 

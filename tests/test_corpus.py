@@ -192,6 +192,18 @@ def test_crash_mid_build_leaves_no_meta(inputs, tmp_path, monkeypatch):
     assert not list(out.glob(".*.tmp")), "no temporary file is left behind"
 
 
+def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "x.bin"
+    bc.atomic_write_bytes(path, b"old")
+    with pytest.raises(OSError, match="simulated"), bc.atomic_file(path) as handle:
+        handle.write(b"half")
+        raise OSError("disk full (simulated)")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    assert bc.atomic_write_tokens(path, [np.arange(3), np.arange(2)]) == 5
+    assert np.fromfile(path, dtype="<u2").tolist() == [0, 1, 2, 0, 1]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
 # ----------------------------------------------------------------------------------------
 # bad input: a clear error before heavy work
 # ----------------------------------------------------------------------------------------

@@ -65,20 +65,32 @@ def ppl_of(model, ids, mask=None) -> tuple[float, int]:
     return float(nll[valid].sum()), int(valid.sum())
 
 
-def dense_activations(model, ids):
-    """Each layer's FFN activation vector a ``[tokens, d_ff]`` (test's own hooks) and W_down^T."""
-    acts, handles = {}, []
-    sites = find_ffn_sites(model)
-    for s in sites:
-        handles.append(s.module.register_forward_pre_hook(
-            lambda m, args, _i=s.index: acts.setdefault(_i, []).append(args[0].detach().reshape(-1, D_FF))))
+def _captured(model, ids, modules, *, inputs: bool) -> list[torch.Tensor]:
+    """One no-grad pass of ``ids``: each module's input (``inputs=True``) or output, ``[tokens, d_ff]``
+    float64, caught with the test's own hooks (removed in ``finally``), not the package's."""
+    caught: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = []
     try:
+        for module, box in zip(modules, caught):
+            if inputs:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, _box=box: _box.append(args[0].detach().reshape(-1, D_FF))))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, args, y, _box=box: _box.append(y.detach().reshape(-1, D_FF))))
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(acts[s.index]).double() for s in sites], [s.module.weight.detach().double().T for s in sites]
+    return [torch.cat(box).double() for box in caught]
+
+
+def dense_activations(model, ids):
+    """Each layer's FFN activation vector a ``[tokens, d_ff]`` (test's own hooks) and W_down^T."""
+    sites = find_ffn_sites(model)
+    acts = _captured(model, ids, [s.module for s in sites], inputs=True)  # W_down's input is a
+    return acts, [s.module.weight.detach().double().T for s in sites]
 
 
 def brute_layer_cett(a, w_t, eps: float) -> float:
@@ -514,17 +526,7 @@ def test_pareto_from_search_reuses_the_search_points(trained_llama, probe, tmp_p
 
 def _gate_scores(model, ids) -> list[torch.Tensor]:
     """|act(W_gate x)| of each layer, [tokens, d_ff] float64, with the test's own hooks."""
-    out, handles = {}, []
-    for i, layer in enumerate(model.model.layers):
-        handles.append(layer.mlp.act_fn.register_forward_hook(
-            lambda m, args, y, _i=i: out.setdefault(_i, []).append(y.detach().reshape(-1, D_FF))))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(out[i]).double().abs() for i in range(len(model.model.layers))]
+    return [g.abs() for g in _captured(model, ids, [layer.mlp.act_fn for layer in model.model.layers], inputs=False)]
 
 
 def test_sweep_points_placed_by_activation_ratio(trained_llama, probe):

@@ -13,10 +13,9 @@ from _notebooks import (
     ROOT,
     assert_thin_and_stripped,
     check_reference,
-    execute,
+    execute_once,
     headline_text,
     numbers_in,
-    tagged_cells,
 )
 
 from sparsing_utils.blocks import make_blocks
@@ -39,17 +38,13 @@ pytestmark = [pytest.mark.notebook, pytest.mark.real_model]
 
 
 def test_notebook_01_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK)
-    assert len(tagged_cells(NOTEBOOK, "headline")) == 1, "one headline cell: the PPL-p% numbers"
+    assert_thin_and_stripped(NOTEBOOK, headlines=1)  # one headline cell: the PPL-p% numbers
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The notebook executed once (cwd = notebooks/), and its output folder."""
-    tmp = tmp_path_factory.mktemp("nb01")
-    out = tmp / "out"
-    executed = execute(NOTEBOOK, tmp / "01.ipynb", {**PARAMETERS, "output_dir": str(out)})
-    return executed, out
+    return execute_once(tmp_path_factory, NOTEBOOK, PARAMETERS)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from _notebooks import (
     ROOT,
     assert_thin_and_stripped,
     check_reference,
-    execute,
+    execute_once,
     headline_text,
     numbers_in,
-    tagged_cells,
 )
 
 from sparsing_utils import fitting, laws
@@ -32,17 +31,13 @@ needs_raw = pytest.mark.skipif(
 
 
 def test_notebook_02_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK)
-    assert len(tagged_cells(NOTEBOOK, "headline")) == 2, "the two headline cells (fits, Table 2 explained)"
+    assert_thin_and_stripped(NOTEBOOK, headlines=2)  # the two headline cells (fits, Table 2 explained)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The notebook executed once (cwd = notebooks/, so the default data_dir is exercised)."""
-    tmp = tmp_path_factory.mktemp("nb02")
-    out = tmp / "out"
-    executed = execute(NOTEBOOK, tmp / "02.ipynb", {**PARAMETERS, "output_dir": str(out)})
-    return executed, out
+    return execute_once(tmp_path_factory, NOTEBOOK, PARAMETERS)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from sparsing_utils import cli, runs
 from sparsing_utils.checkpoints import list_checkpoints, load_checkpoint_model
 from sparsing_utils.shards import open_corpus
 from sparsing_utils.tracking import DEAD_FREQUENCY, throughput_summary, track
-from sparsing_utils.training import train
+from sparsing_utils.trainer import train
 
 P = 1.0
 TOL = 2e-3

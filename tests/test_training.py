@@ -19,6 +19,7 @@ from _lab import VOCAB, recurrence, tiny_config, write_tiny_corpus
 from sparsing_utils import cli
 from sparsing_utils.checkpoints import list_checkpoints
 from sparsing_utils.shards import PackedSampler, open_corpus
+from sparsing_utils.trainer import train
 from sparsing_utils.training import (
     TrainConfig,
     build_model,
@@ -26,7 +27,6 @@ from sparsing_utils.training import (
     flops_per_token,
     make_plan,
     non_embedding_params,
-    train,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_flops_per_token_against_a_hand_count_and_the_flop_counter(tmp_path):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sparsing_utils.training import NextTokenLoss
+    from sparsing_utils.trainer import NextTokenLoss
 
     cfg = tiny_config(tmp_path, hidden_size=48, num_heads=3, num_kv_heads=1, d_ff=80, num_layers=2, seq_len=16,
                       global_batch_tokens=32, micro_batch_size=None, total_tokens=32 * 40)
@@ -196,6 +196,22 @@ def test_batches_are_a_pure_function_of_step_and_cover_each_epoch(tmp_path):
     assert not np.array_equal(nxt[nxt[:, 0] >= 30000, 0], rows[rows[:, 0] >= 30000, 0])  # in a new order
     small = PackedSampler(c, seq_len=16, batch_seqs=8, seed=1, train_fraction=0.1)
     assert small.batch(0)[:, -1].max() < 30000 + 900 and small.n_blocks == {"code": 56, "prose": 124}
+
+
+def test_corpus_files_are_written_whole_with_the_usual_permissions(tmp_path):
+    """write_corpus goes through jsonio's atomic writer: no temporary file is left, every file
+    has the umask's permissions (not mkstemp's 0600), and the token files hold the ids given."""
+    from sparsing_utils.shards import write_corpus
+
+    out = write_corpus(tmp_path / "c", train={"prose": np.arange(300) % 97}, heldout={"prose": np.arange(40)},
+                       vocab_size=97, eos_id=0, tokenizer_json="{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["heldout_prose.bin", "meta.json", "tokenizer.json", "train_prose.bin"]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~mask)}
+    assert np.array_equal(np.fromfile(out / "train_prose.bin", dtype="<u2"), np.arange(300) % 97)
+    assert (out / "tokenizer.json").read_text() == "{}"
 
 
 def test_corpus_errors_say_what_is_missing(corpus, tmp_path):
