@@ -385,8 +385,9 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
     if result is not None and len(result.thresholds) != len(sites):
         raise ValueError(f"{len(result.thresholds)} thresholds for a model with {len(sites)} FFN layers: the result "
                          "was measured on a different model")
-    lm = _counting_lm_class()(pretrained=model, tokenizer=loaded.tokenizer, batch_size=int(batch_size))
-    manager = TaskManager(include_defaults=False) if data_dir is not None else TaskManager()
+    with _lm_eval_logging(verbose):
+        lm = _counting_lm_class()(pretrained=model, tokenizer=loaded.tokenizer, batch_size=int(batch_size))
+        manager = TaskManager(include_defaults=False) if data_dir is not None else TaskManager()
     start = time.perf_counter()
     report = EvalReport(
         model=loaded.describe(), sparsity=None, tasks={}, limit=limit, batch_size=int(batch_size),
