@@ -165,35 +165,37 @@ class LocalTask:
     split: str
     read: Callable[..., list[dict]]  # called with the paths of ``files``
     group: str  # the paper's task group (Table 1): commonsense reasoning or reading comprehension
+    paper: str  # the task's column in the paper's Table 4 or 5 (data/table4.csv, data/table5.csv)
+    score: str  # the lm-eval metric compared with the paper (acc; acc_norm for HellaSwag, as usually reported)
     note: str  # where the local data or its reconstruction can differ from lm-eval's hub dataset
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {t.name: t for t in (
     LocalTask("piqa", "piqa", "piqa/piqa.yaml", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation",
-              _read_piqa, "commonsense", "the official release files; same items and labels as the hub copy"),
+              _read_piqa, "commonsense", "PIQA", "acc", "the official release files; same items and labels as the hub copy"),
     LocalTask("siqa", "social_iqa", "siqa/siqa.yaml", ("siqa/dev.jsonl", "siqa/dev-labels.lst"), "validation",
-              _read_siqa, "commonsense", "the official AI2 dev files (1-based labels, as the hub copy)"),
+              _read_siqa, "commonsense", "SIQA", "acc", "the official AI2 dev files (1-based labels, as the hub copy)"),
     LocalTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", ("hellaswag/hellaswag_val_full.txt.bz2",),
-              "validation", _read_hellaswag, "commonsense",
+              "validation", _read_hellaswag, "commonsense", "HellaSwag", "acc_norm",
               "llama.cpp's text file: its context is ctx_a + ' ' + ctx_b already cleaned; ctx_b (capitalised by "
               "lm-eval) is taken back as the unfinished phrase after the last sentence end, which is how "
               "ActivityNet contexts end; lm-eval's cleaning then runs again (it also drops the few [..] the file "
               "kept)"),
     LocalTask("winogrande", "winogrande", "winogrande/default.yaml", ("winogrande/winogrande.jsonl",), "validation",
-              _read_winogrande, "commonsense",
+              _read_winogrande, "commonsense", "WinoGrande", "acc",
               "llm-foundry's partial-evaluation form: lm-eval's choices (sentence up to the blank + option) and "
               "target (the rest) are rebuilt exactly; only option1/option2 as fields are a reconstruction"),
     LocalTask("copa", "copa", "super_glue/copa/default.yaml", ("copa/copa.jsonl",), "validation",
-              _read_copa, "commonsense",
+              _read_copa, "commonsense", "COPA", "acc",
               "llm-foundry's form: premise = query without ', because'/', therefore' plus '.', question = the "
               "connector; lm-eval drops that last character and lower-cases each choice's first letter, so the "
               "lost capitals and the premise's exact final mark do not change what is scored"),
     LocalTask("boolq", "boolq", "super_glue/boolq/default.yaml", ("boolq/boolq.jsonl",), "validation",
-              _read_boolq, "reading",
+              _read_boolq, "reading", "BoolQ", "acc",
               "llm-foundry's form: passage and question split on the last '\\nQuestion: ' (the Wikipedia title, "
               "unused by lm-eval, is lost)"),
     LocalTask("lambada", "lambada_openai", "lambada/lambada_openai.yaml", ("lambada/lambada_test.jsonl",), "test",
-              _read_lambada, "reading", "OpenAI's file itself (lm-eval's lambada_openai is built from it)"),
+              _read_lambada, "reading", "LAMBADA", "acc", "OpenAI's file itself (lm-eval's lambada_openai is built from it)"),
 )}
 
 # our short names -> lm-eval's task names (used for hub tasks too)

@@ -51,9 +51,12 @@ __all__ = [
     "check_same_model",
     "check_tasks",
     "evaluate_model",
+    "group_drops",
     "lm_eval_version",
     "load_sparsity",
+    "paper_drops",
     "run_evaluation",
+    "scores_frame",
 ]
 
 # Tables 4 and 5 (TyDiQA has no local copy): commonsense reasoning, then reading comprehension.
@@ -460,3 +463,63 @@ def run_evaluation(model: str = "smollm2", tasks: Sequence[str] = DEFAULT_TASKS,
     if out is not None:
         ev.save(out)
     return ev
+
+
+# ---------------------------------------------------------------------------------------
+# what sparsity costs: our drops beside the paper's (notebook 06)
+# ---------------------------------------------------------------------------------------
+
+def scores_frame(reports: Sequence[EvalReport]):
+    """One row per (setting, task): the task's score (``LocalTask.score``: acc, HellaSwag acc_norm) in
+    points with its standard error, the items, the activation ratio during evaluation, and the drop
+    from the dense report's score on the same task (points; negative = worse). Exactly one report
+    must be dense."""
+    import pandas as pd
+
+    rows = []
+    for rep in reports:
+        p = 0.0 if rep.sparsity is None else float(rep.sparsity["p"])
+        for name, t in rep.tasks.items():
+            spec = local_task(name)
+            value, err = t.metrics.get(spec.score), t.metrics.get(f"{spec.score}_stderr")
+            rows.append({"setting": rep.setting, "p": p, "task": name, "paper_task": spec.paper, "group": spec.group,
+                         "metric": spec.score, "score": None if value is None else 100 * value,
+                         "stderr": None if err is None else 100 * err, "n_items": t.n_items,
+                         "activation_ratio": t.activation_ratio, "seconds": t.seconds})
+    frame = pd.DataFrame(rows)
+    dense = frame[frame["p"] == 0]
+    if dense.empty or dense["task"].duplicated().any():
+        raise ValueError("give exactly one dense report (no --sparsity) among the reports: drops are measured from it")
+    frame["drop"] = frame["score"] - frame["task"].map(dense.set_index("task")["score"])
+    return frame.sort_values(["p", "task"], ignore_index=True)
+
+
+def paper_drops(data_dir: str | os.PathLike | None = None):
+    """The paper's Tables 4 and 5 (``data/table4.csv``, ``data/table5.csv``) as drops from dense, in
+    points, one row per (scale, activation, setting, task), for the seven tasks with offline data."""
+    import pandas as pd
+
+    from .laws import read_paper_table
+
+    tasks = {t.paper: t for t in LOCAL_TASKS.values()}
+    parts = []
+    for table in ("table4", "table5"):
+        df = read_paper_table(table, data_dir)
+        cols = [c for c in df.columns if c in tasks]
+        parts.append(df.melt(id_vars=["scale", "activation", "setting"], value_vars=cols, var_name="paper_task",
+                             value_name="score"))
+    long = pd.concat(parts, ignore_index=True)
+    dense = long[long["setting"] == "dense"].set_index(["scale", "activation", "paper_task"])["score"]
+    long["drop"] = long["score"] - [dense[(s, a, t)] for s, a, t in zip(long["scale"], long["activation"],
+                                                                           long["paper_task"])]
+    long["task"] = long["paper_task"].map({k: v.name for k, v in tasks.items()})
+    long["group"] = long["paper_task"].map({k: v.group for k, v in tasks.items()})
+    long["p"] = long["setting"].map(lambda s: 0.0 if s == "dense" else float(s.removeprefix("PPL-").rstrip("%")))
+    return long
+
+
+def group_drops(frame):
+    """Mean drop per (setting, task group) - the shape of the paper's Table 1 (our reading group has
+    BoolQ and LAMBADA; the paper's also TyDiQA). Works on :func:`scores_frame` and :func:`paper_drops`."""
+    keys = [k for k in ("scale", "activation") if k in frame.columns]
+    return frame.groupby([*keys, "p", "group"], as_index=False)["drop"].mean()
