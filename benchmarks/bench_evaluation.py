@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsing_utils.evaluation import evaluate_model  # noqa: E402
-from sparsing_utils.jsonio import atomic_write_json  # noqa: E402
-from sparsing_utils.models import load_model  # noqa: E402
-from sparsing_utils.results import SparsityReport  # noqa: E402
+from sparsing_utils.evaluation import evaluate_model
+from sparsing_utils.jsonio import atomic_write_json
+from sparsing_utils.models import load_model
+from sparsing_utils.results import SparsityReport
 
 
 def forward_pass_ratio(loaded, result, batch_size: int, repeats: int) -> dict:

@@ -402,10 +402,8 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
                            "ppl_ratio": result.ppl_ratio, "thresholds": list(result.thresholds)}
         if isinstance(sparsity, SparsityReport):
             report.sparsity["text"] = {k: v for k, v in sparsity.text.items() if not isinstance(v, (list, dict))}
-    for name in tasks:
+    for name, task_obj in _task_objects(tasks, data_dir, manager, verbose):
         with _lm_eval_logging(verbose):
-            task = build_local_task(name, data_dir) if data_dir is not None else manager.load([lm_eval_name(name)])
-            task_obj = task if data_dir is not None else next(iter(task["tasks"].values()))
             counter = ActivationCounter(sites, keep_tokens=keep_tokens)
             lm.counter = counter
             rule = sparse_inference(model, result, record=counter.record) if result is not None \
@@ -430,6 +428,19 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
             report.samples[name] = {"items": out.get("samples", {}).get(key, []), "tokens": counter.sequences}
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _task_objects(tasks: Sequence[str], data_dir, manager, verbose: bool) -> Iterator[tuple[str, object]]:
+    """``(name, lm-eval Task)`` for each task, built when its turn comes: the offline task from the
+    local files, or lm-eval's hub task (a group or tag yields each of its tasks, under lm-eval's names)."""
+    for name in tasks:
+        with _lm_eval_logging(verbose):
+            if data_dir is not None:
+                built = [(name, build_local_task(name, data_dir))]
+            else:
+                leaves = manager.load([lm_eval_name(name)])["tasks"]
+                built = [(name, t) for t in leaves.values()] if len(leaves) == 1 else list(leaves.items())
+        yield from built
 
 
 def run_evaluation(model: str = "smollm2", tasks: Sequence[str] = DEFAULT_TASKS, *,
@@ -480,10 +491,12 @@ def scores_frame(reports: Sequence[EvalReport]):
     for rep in reports:
         p = 0.0 if rep.sparsity is None else float(rep.sparsity["p"])
         for name, t in rep.tasks.items():
-            spec = local_task(name)
-            value, err = t.metrics.get(spec.score), t.metrics.get(f"{spec.score}_stderr")
-            rows.append({"setting": rep.setting, "p": p, "task": name, "paper_task": spec.paper, "group": spec.group,
-                         "metric": spec.score, "score": None if value is None else 100 * value,
+            spec = next((x for x in LOCAL_TASKS.values() if name in (x.name, x.lm_eval)), None)
+            metric = spec.score if spec is not None else "acc"  # a hub task without a paper column: its acc
+            value, err = t.metrics.get(metric), t.metrics.get(f"{metric}_stderr")
+            rows.append({"setting": rep.setting, "p": p, "task": name, "paper_task": spec and spec.paper,
+                         "group": spec.group if spec is not None else "other",
+                         "metric": metric, "score": None if value is None else 100 * value,
                          "stderr": None if err is None else 100 * err, "n_items": t.n_items,
                          "activation_ratio": t.activation_ratio, "seconds": t.seconds})
     frame = pd.DataFrame(rows)
