@@ -55,7 +55,7 @@ def _reports(out) -> dict[str, evaluation.EvalReport]:
 def test_reports_and_figures(run):
     _, out = run
     reports = _reports(out)
-    for report in reports.values():
+    for name, report in reports.items():
         assert list(report.tasks) == SMOKE["tasks"] and report.limit == SMOKE["limit"]
         assert report.sparsity is None if name == "dense" else report.sparsity["p"] == SMOKE["settings"][name]
         for t in report.tasks.values():
