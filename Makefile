@@ -38,3 +38,4 @@ test: setup
 
 notebooks: setup
 	$(PY) -m papermill notebooks/02_activation_vs_data.ipynb outputs/02_activation_vs_data/02_activation_vs_data.ipynb --cwd notebooks
+	$(PY) -m papermill notebooks/06_evaluation.ipynb outputs/06_evaluation/06_evaluation.ipynb --cwd notebooks
