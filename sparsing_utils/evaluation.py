@@ -6,7 +6,7 @@ scores the model itself: lm-eval's ``HFLM`` wraps the loaded model object and it
 nothing is registered by hand, and the sparse model is that same object inside
 :func:`~sparsing_utils.results.sparse_inference` - the hooks and per-layer thresholds of the
 metric (:class:`~sparsing_utils.rules.CETTRule`). While the harness runs, the rule's masks are
-counted on the tokens it scores (padding excluded): the activation ratio *during evaluation*,
+counted on every token the harness feeds the model (padding excluded): the activation ratio *during evaluation*,
 reported beside the scores.
 
 * :func:`evaluate_model` - a loaded model on lm-eval tasks (offline: :mod:`~sparsing_utils.eval_tasks`
@@ -74,14 +74,14 @@ def lm_eval_version() -> str:
 # ---------------------------------------------------------------------------------------
 
 class ActivationCounter:
-    """Activated neurons on the tokens the harness scores, per layer (the metric's ratio, Sec. 3.1).
+    """Activated neurons on the tokens the harness runs through the model, per layer (the metric's ratio, Sec. 3.1).
 
     :meth:`record` is the recorder of :func:`~sparsing_utils.rules.apply_rule`: it keeps each
     layer's count of activated neurons per position of the forward in flight. The harness pads its
     batches on the right with no attention mask, so the real length of each row is taken from
     the harness itself (:meth:`claim`, in row order, see :class:`_CountingHFLM`); counts of rows
     never claimed (batch-size probing, generation) are dropped. A dense run counts tokens only
-    (every neuron computes: ratio 1). ``keep_tokens`` keeps the scored token rows (for tests).
+    (every neuron computes: ratio 1). ``keep_tokens`` keeps the token rows run (for tests).
     """
 
     def __init__(self, sites: Sequence[FFNSite], *, keep_tokens: bool = False):
@@ -370,7 +370,7 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
         bootstrap_iters: lm-eval's bootstrap for standard errors without a closed form (LAMBADA's
             perplexity); accuracies use the closed form.
         keep_samples: keep lm-eval's per-item outputs in :attr:`EvalReport.samples` (not saved).
-        keep_tokens: keep the scored token rows of each task (``report.samples[task]["tokens"]``).
+        keep_tokens: keep the token rows run for each task (``report.samples[task]["tokens"]``).
 
     Each task runs on its own, so its activation ratio, token count and time are its own.
     """
