@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     print(f"model {args.model} | PPL-{args.p:g}% | limit {args.limit} | batch {args.batch_size} | "
           f"threads {torch.get_num_threads()} | {args.repeats} repeats (median) | load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    print(f"{'task':<11} {'items':>6} {'dense it/s':>10} {'sparse it/s':>11} {'sparse/dense time':>17} {'act. ratio':>10}")
+    print(f"{'task':<11} {'items':>6} {'dense it/s':>10} {'sparse it/s':>11} {'sparse/dense time':>17} "
+          f"{'act. ratio':>10}")
     summary = {}
     for t in tasks:
         dense = statistics.median(r[t]["seconds"] for r in runs["dense"])

@@ -196,7 +196,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             limit=args.limit, out=args.out, batch_size=args.batch_size,
                             bootstrap_iters=args.bootstrap_iters, dtype=args.dtype, device=args.device,
                             verbose=args.verbose)
-    ratio = "" if report.sparsity is None else f" (metric's activation ratio {report.sparsity['activation_ratio_measured']:.4f})"
+    ratio = "" if report.sparsity is None else \
+        f" (metric's activation ratio {report.sparsity['activation_ratio_measured']:.4f})"
     print(f"model {report.model.get('spec')} | {report.setting}{ratio} | lm-eval {report.lm_eval_version} "
           f"| {report.seconds:.1f} s")
     print(report.table())

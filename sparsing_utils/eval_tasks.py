@@ -172,9 +172,11 @@ class LocalTask:
 
 LOCAL_TASKS: dict[str, LocalTask] = {t.name: t for t in (
     LocalTask("piqa", "piqa", "piqa/piqa.yaml", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation",
-              _read_piqa, "commonsense", "PIQA", "acc", "the official release files; same items and labels as the hub copy"),
+              _read_piqa, "commonsense", "PIQA", "acc",
+              "the official release files; same items and labels as the hub copy"),
     LocalTask("siqa", "social_iqa", "siqa/siqa.yaml", ("siqa/dev.jsonl", "siqa/dev-labels.lst"), "validation",
-              _read_siqa, "commonsense", "SIQA", "acc", "the official AI2 dev files (1-based labels, as the hub copy)"),
+              _read_siqa, "commonsense", "SIQA", "acc",
+              "the official AI2 dev files (1-based labels, as the hub copy)"),
     LocalTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", ("hellaswag/hellaswag_val_full.txt.bz2",),
               "validation", _read_hellaswag, "commonsense", "HellaSwag", "acc_norm",
               "llama.cpp's text file: its context is ctx_a + ' ' + ctx_b already cleaned; ctx_b (capitalised by "
@@ -195,7 +197,8 @@ LOCAL_TASKS: dict[str, LocalTask] = {t.name: t for t in (
               "llm-foundry's form: passage and question split on the last '\\nQuestion: ' (the Wikipedia title, "
               "unused by lm-eval, is lost)"),
     LocalTask("lambada", "lambada_openai", "lambada/lambada_openai.yaml", ("lambada/lambada_test.jsonl",), "test",
-              _read_lambada, "reading", "LAMBADA", "acc", "OpenAI's file itself (lm-eval's lambada_openai is built from it)"),
+              _read_lambada, "reading", "LAMBADA", "acc",
+              "OpenAI's file itself (lm-eval's lambada_openai is built from it)"),
 )}
 
 # our short names -> lm-eval's task names (used for hub tasks too)

@@ -6,8 +6,8 @@ scores the model itself: lm-eval's ``HFLM`` wraps the loaded model object and it
 nothing is registered by hand, and the sparse model is that same object inside
 :func:`~sparsing_utils.results.sparse_inference` - the hooks and per-layer thresholds of the
 metric (:class:`~sparsing_utils.rules.CETTRule`). While the harness runs, the rule's masks are
-counted on every token the harness feeds the model (padding excluded): the activation ratio *during evaluation*,
-reported beside the scores.
+counted on every token the harness feeds the model (padding excluded): the activation ratio
+*during evaluation*, reported beside the scores.
 
 * :func:`evaluate_model` - a loaded model on lm-eval tasks (offline: :mod:`~sparsing_utils.eval_tasks`
   from ``data_dir``; online: lm-eval's hub tasks by name), dense or sparse -> :class:`EvalReport`.
@@ -74,7 +74,8 @@ def lm_eval_version() -> str:
 # ---------------------------------------------------------------------------------------
 
 class ActivationCounter:
-    """Activated neurons on the tokens the harness runs through the model, per layer (the metric's ratio, Sec. 3.1).
+    """Activated neurons on the tokens the harness runs through the model, per layer (the metric's
+    ratio, Sec. 3.1).
 
     :meth:`record` is the recorder of :func:`~sparsing_utils.rules.apply_rule`: it keeps each
     layer's count of activated neurons per position of the forward in flight. The harness pads its

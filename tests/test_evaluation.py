@@ -79,7 +79,8 @@ def write_items(root: Path) -> Path:
         {"query": "Passage: Cats are mammals.\nQuestion: Note the Question: marker\nQuestion: are cats mammals?",
          "choices": ["no", "yes"], "gold": 1}) + "\n")
     (root / "lambada").mkdir()
-    (root / "lambada" / "lambada_test.jsonl").write_text(json.dumps({"text": "He opened the door and saw his dog"}) + "\n")
+    (root / "lambada" / "lambada_test.jsonl").write_text(
+        json.dumps({"text": "He opened the door and saw his dog"}) + "\n")
     return root
 
 
@@ -92,7 +93,8 @@ def data_dir(tmp_path_factory):
 
 # what lm-eval's YAMLs make of the items above, written out by hand: (text, choices, target)
 EXPECTED = {
-    "piqa": ("Question: How do you dry a wet towel?\nAnswer:", ["Hang it in the sun.", "Put it in a bowl of water."], 0),
+    "piqa": ("Question: How do you dry a wet towel?\nAnswer:", ["Hang it in the sun.", "Put it in a bowl of water."],
+             0),
     "siqa": ("Q: Ann gave Bo a gift. How would Bo feel?\nA:", ["sad", "glad", "bored"], 1),
     # ctx_b "the man" capitalised by lm-eval's process_docs
     "hellaswag": ("Baking: A man puts flour in a bowl. The man", ["sings.", "adds eggs.", "leaves.", "sleeps."], 1),
@@ -357,7 +359,8 @@ def test_hub_tasks_offline_name_data_dir(no_model_loading, monkeypatch, tmp_path
 
 
 def test_cli_error_exit_code(tmp_path, capsys, data_dir):
-    rc = main(["evaluate", "--tasks", "copa", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "e.json")])
+    rc = main(["evaluate", "--tasks", "copa", "--data-dir", str(tmp_path / "nothing"),
+               "--out", str(tmp_path / "e.json")])
     assert rc == 2 and "data directory" in capsys.readouterr().err
 
 

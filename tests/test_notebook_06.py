@@ -27,7 +27,8 @@ RESULT = ROOT / "data" / "results" / "smollm2_pydoc_8192.json"
 COMMITTED = ROOT / "data" / "results" / "eval"
 PARAMETERS = {"smoke": True}  # smoke: copa and piqa, 6 items, dense + PPL-1% + PPL-10%; output_dir per run
 SMOKE = {"tasks": ["copa", "piqa"], "limit": 6, "settings": {"dense": None, "p1": 1.0, "p10": 10.0}}
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"the offline evaluation data (third-party) are not at {DATA}")
+needs_data = pytest.mark.skipif(not DATA.is_dir(),
+                                reason=f"the offline evaluation data (third-party) are not at {DATA}")
 
 
 def test_notebook_06_is_thin_and_stripped():
