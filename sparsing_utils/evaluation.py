@@ -338,15 +338,21 @@ def _metrics(raw: dict) -> dict[str, float | None]:
 
 @contextlib.contextmanager
 def _lm_eval_logging(verbose: bool) -> Iterator[None]:
-    """lm-eval logs every task's set-up at WARNING; keep it to errors unless asked."""
+    """lm-eval logs every task's set-up at WARNING, and ``datasets`` draws a bar for every mapping (HellaSwag's
+    preprocessing); keep to errors and the harness's own progress bars unless asked."""
+    import datasets
+
     logger = logging.getLogger("lm_eval")
-    level = logger.level
+    level, bars = logger.level, datasets.is_progress_bar_enabled()
     if not verbose:
         logger.setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------
