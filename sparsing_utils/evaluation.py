@@ -338,8 +338,8 @@ def _metrics(raw: dict) -> dict[str, float | None]:
 
 @contextlib.contextmanager
 def _lm_eval_logging(verbose: bool) -> Iterator[None]:
-    """lm-eval logs every task's set-up at WARNING, and ``datasets`` draws a bar for every mapping (HellaSwag's
-    preprocessing); keep to errors and the harness's own progress bars unless asked."""
+    """lm-eval logs every task's set-up at WARNING, and ``datasets`` draws a bar for every mapping
+    (HellaSwag's preprocessing); keep to errors and the harness's own progress bars unless asked."""
     import datasets
 
     logger = logging.getLogger("lm_eval")
@@ -379,7 +379,8 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
         keep_samples: keep lm-eval's per-item outputs in :attr:`EvalReport.samples` (not saved).
         keep_tokens: keep the token rows run for each task (``report.samples[task]["tokens"]``).
 
-    Each task runs on its own, so its activation ratio, token count and time are its own.
+    Each task runs on its own, so its activation ratio, token count and time are its own. As lm-eval's
+    ``simple_evaluate`` does, each run seeds Python's, NumPy's and torch's random generators.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
