@@ -113,9 +113,11 @@ class ActivationCounter:
     def _flush(self) -> None:
         if self._lengths:
             lengths = torch.tensor(self._lengths)  # [rows]
-            for layer, counts in self._counts.items():
-                counts = counts[: len(lengths)].cpu()
-                valid = torch.arange(counts.shape[1]) < lengths[:, None]  # [rows, seq]
+            for layer, counts in self._counts.items():  # summed where the counts are (no sync per layer)
+                if self.active.device != counts.device:
+                    self.active = self.active.to(counts.device)
+                counts = counts[: len(lengths)]  # [rows, seq]
+                valid = torch.arange(counts.shape[1], device=counts.device) < lengths.to(counts.device)[:, None]
                 self.active[layer] += counts.masked_fill(~valid, 0).sum(dtype=torch.float64)
             self.tokens += int(lengths.sum())
         self._counts, self._lengths, self._inputs = {}, [], None
@@ -127,7 +129,7 @@ class ActivationCounter:
     def layer_activation_ratio(self) -> list[float]:
         if not self.sparse:
             return [1.0] * len(self.d_ff)
-        return (self.active / (max(self.tokens, 1) * self.d_ff)).tolist()
+        return (self.active.cpu() / (max(self.tokens, 1) * self.d_ff)).tolist()
 
     @property
     def activation_ratio(self) -> float | None:
