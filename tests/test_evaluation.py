@@ -388,3 +388,15 @@ def test_check_same_model_fields():
     with pytest.raises(ValueError, match="model 'smollm2'"):
         check_same_model(block, {"spec": "Qwen/Qwen2.5-0.5B", "path": ""})
 
+
+
+def test_sparse_inference_record_sees_every_layer_mask():
+    """results.sparse_inference passes ``record`` to apply_rule: one [batch, seq, d_ff] mask per layer."""
+    model, seen = build_tiny_llama(seed=5), {}
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    eps = thresholds_at_median(model, build_tiny_tokenizer())
+    with sparse_inference(model, eps, record=lambda site, keep: seen.__setitem__(site.index, keep)), torch.no_grad():
+        model(ids)
+    assert sorted(seen) == [0, 1, 2]
+    assert all(k.shape == (2, 4, 37) and k.dtype == torch.bool and 0 < k.float().mean() < 1 for k in seen.values())
+    assert count_hooks(model) == 0
