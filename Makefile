@@ -45,6 +45,8 @@ notebooks: setup
 	@for nb in 03_training_runs 04_width_depth 05_scale_and_patterns; do \
 	  mkdir -p outputs/$$nb && $(PY) -m papermill notebooks/$$nb.ipynb outputs/$$nb/$$nb.ipynb --cwd notebooks || exit 1; \
 	done
+	mkdir -p outputs/06_evaluation
+	$(PY) -m papermill notebooks/06_evaluation.ipynb outputs/06_evaluation/06_evaluation.ipynb --cwd notebooks
 
 figures: main notebooks
 	$(PY) scripts/figures.py --outputs outputs --dest docs/figures

@@ -26,10 +26,13 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
   Algorithm 1 through training (``sparsing train`` / ``track``)
 - ``runs``          the shipped results of our runs (``data/runs/``): loading, tables, series, seed spread
 - ``textclean``     markup -> plain text for the training corpus (``scripts/build_corpus.py``)
+- ``evaluation`` / ``eval_tasks``  what sparsity costs on benchmarks: lm-evaluation-harness on a dense or
+  PPL-p% sparse model, the offline tasks of Tables 4-5 (``sparsing evaluate``; needs ``lm-eval``)
 
 The measuring names are importable from the package itself (``sparsing_utils.SparsityProbe``);
 the laws, fits and figures from their modules (``from sparsing_utils import fitting, laws, plots``),
-which need lmfit, matplotlib and seaborn.
+which need lmfit, matplotlib and seaborn; evaluation from ``from sparsing_utils import evaluation``
+(it needs lm-eval, the ``eval`` extra).
 """
 
 __version__ = "0.1.0"

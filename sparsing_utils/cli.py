@@ -1,5 +1,6 @@
 """Command line: ``sparsing measure`` (PPL-p% sparsity), ``sparsing fit`` (the laws), ``sparsing train``
-(pre-training small models) and ``sparsing track`` (Algorithm 1 over a run's checkpoints).
+(pre-training small models), ``sparsing track`` (Algorithm 1 over a run's checkpoints) and
+``sparsing evaluate`` (benchmarks of a dense or sparsified model through lm-evaluation-harness).
 
 Thin wrappers over the package functions; every option maps to a keyword argument.
 """
@@ -80,6 +81,28 @@ def _build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--tol", type=float, default=1e-3, help="tolerance on the mean PPL ratio")
     tk.add_argument("--quiet", action="store_true", help="no progress bars")
     tk.set_defaults(func=_cmd_track)
+
+    # -- sparsing evaluate ----------------------------------------------------
+    ev = sub.add_parser("evaluate", help="benchmarks of a dense or PPL-p%% sparsified model via lm-evaluation-harness "
+                                         "(Tables 1, 4-6)")
+    ev.add_argument("--model", default="smollm2",
+                    help="'smollm2' (embedded default), a hub id, a local model folder or a .gguf file")
+    ev.add_argument("--sparsity", default=None,
+                    help="PPL-p%% result JSON written by `sparsing measure` (absent: the dense model)")
+    ev.add_argument("--p", type=float, default=None, help="which of the result's p values to evaluate (with --sparsity)")
+    ev.add_argument("--tasks", default="piqa,siqa,hellaswag,winogrande,copa,boolq,lambada",
+                    help="comma-separated tasks: the offline ones (with --data-dir) or lm-eval's hub task names")
+    ev.add_argument("--data-dir", default=None,
+                    help="folder of the offline evaluation data (../shared/data); absent: lm-eval's hub datasets")
+    ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (default: all)")
+    ev.add_argument("--out", required=True, help="eval.json (written atomically)")
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    ev.add_argument("--bootstrap-iters", type=int, default=1000,
+                    help="bootstrap resamples for standard errors without a closed form (LAMBADA perplexity)")
+    ev.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ev.add_argument("--verbose", action="store_true", help="lm-eval's own log messages")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 
@@ -159,6 +182,28 @@ def _cmd_track(args: argparse.Namespace) -> int:
         held = c["heldout_loss"] if c["heldout_loss"] is not None else float("nan")
         print(f"{c['tokens']:>14,} {c['stage']:>7} {c['train_loss']:>7.3f} {held:>8.3f} {c['activation_ratio']:>10.4f} "
               f"{c['ppl_ratio']:>9.4f}")
+    print(f"written: {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("`sparsing evaluate` needs lm-evaluation-harness: pip install 'sparsing-law[eval]' "
+                         "(or pip install lm-eval==0.4.13)")
+    from .evaluation import run_evaluation
+
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    report = run_evaluation(args.model, tasks, data_dir=args.data_dir, sparsity_file=args.sparsity, p=args.p,
+                            limit=args.limit, out=args.out, batch_size=args.batch_size,
+                            bootstrap_iters=args.bootstrap_iters, dtype=args.dtype, device=args.device,
+                            verbose=args.verbose)
+    ratio = "" if report.sparsity is None else \
+        f" (metric's activation ratio {report.sparsity['activation_ratio_measured']:.4f})"
+    print(f"model {report.model.get('spec')} | {report.setting}{ratio} | lm-eval {report.lm_eval_version} "
+          f"| {report.seconds:.1f} s")
+    print(report.table())
     print(f"written: {args.out}")
     return 0
 

@@ -40,6 +40,7 @@ __all__ = [
     "plot_token_ratio_pairs",
     "plot_width_depth_loss",
     "save_figure",
+    "plot_score_drop",
 ]
 
 
@@ -715,3 +716,54 @@ def plot_activation_heatmap(matrix, max_tokens: int = 256, ax=None, title: str =
     ax.set_ylabel("layer")
     ax.set_title(title or "activation ratio per layer and token")
     return ax.figure
+
+
+# ---------------------------------------------------------------------------
+# What sparsity costs on benchmarks (Tables 1, 4, 5)
+# ---------------------------------------------------------------------------
+def plot_score_drop(ours, paper=None, axes=None):
+    """Score drop against activation ratio (left) and the mean drop per task group against p (right).
+
+    ours: :func:`sparsing_utils.evaluation.scores_frame` rows (setting, p, task, group, drop,
+    activation_ratio); paper: :func:`sparsing_utils.evaluation.paper_drops` rows (scale, activation,
+    p, group, drop), drawn thin (SiLU solid, ReLU dashed) beside our group means - different models,
+    so the drops, not the scores, are compared.
+    """
+    fig, (left, right) = _axes(axes, 2, (12, 4.4))
+    colors = dict(zip(sorted(ours["task"].unique()), sns.color_palette("tab10", ours["task"].nunique())))
+    for task, g in ours.groupby("task"):
+        g = g.sort_values("p")
+        left.plot(g["activation_ratio"], g["drop"], marker="o", ms=4, color=colors[task], label=task)
+    for _, r in ours[ours["p"] > 0].drop_duplicates("p").iterrows():
+        left.annotate(r["setting"], (ours.loc[ours["p"] == r["p"], "activation_ratio"].mean(), 0.97), fontsize=8,
+                      xycoords=("data", "axes fraction"), ha="center", va="top", color="0.35")
+    left.axhline(0, color="0.6", lw=0.8)
+    left.set_xlabel("activation ratio during evaluation (dense = 1)")
+    left.set_ylabel("score - dense score (points)")
+    left.set_title("what sparsity costs, per task (ours)")
+    left.legend(fontsize=7, ncol=2)
+    group_colors = {"commonsense": "tab:blue", "reading": "tab:red"}
+    ps = sorted(set(ours["p"]) | (set(paper["p"]) if paper is not None else set()))
+    pos = {p: i for i, p in enumerate(ps)}
+    if paper is not None:
+        keys = ["scale", "activation", "p", "group"]
+        means = paper.groupby(keys, as_index=False)["drop"].mean()
+        for (scale, act, group), g in means.groupby(["scale", "activation", "group"]):
+            g = g.sort_values("p")
+            right.plot(g["p"].map(pos), g["drop"], color=group_colors.get(group, "0.5"), alpha=0.35, lw=1,
+                       ls="-" if act == "silu" else "--")
+    mine = ours.groupby(["p", "group"], as_index=False)["drop"].mean()
+    for group, g in mine.groupby("group"):
+        g = g.sort_values("p")
+        right.plot(g["p"].map(pos), g["drop"], color=group_colors.get(group, "k"), lw=2.5, marker="o",
+                   label=f"{group} (ours)")
+    if paper is not None:
+        right.plot([], [], color="0.4", alpha=0.6, lw=1, label="paper, SiLU 0.1-1.2B")
+        right.plot([], [], color="0.4", alpha=0.6, lw=1, ls="--", label="paper, ReLU 0.1-1.2B")
+    right.set_xticks(range(len(ps)), ["dense" if p == 0 else f"PPL-{p:g}%" for p in ps])
+    right.axhline(0, color="0.6", lw=0.8)
+    right.set_ylabel("mean drop over the group's tasks (points)")
+    right.set_title("commonsense vs reading: ours beside the paper (Table 1 shape)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
