@@ -204,12 +204,15 @@ def driver(args) -> int:
               "peak_flops_per_device": 989.4e12, "warmup": args.warmup, "steps": args.steps,
               "per_config": [], "scaling": [], "sharing": []}
     one_env = {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if cuda else env
+    micros = [int(m) for m in args.micro_batch.split(",")] if args.micro_batch else [None]
     for i, name in enumerate(configs):
         for comp in compiles:
-            res = _run(_worker_cmd(args, name, comp, tmp / f"c{i}-{comp}.json"), one_env, tmp / f"c{i}-{comp}.json",
-                       args.timeout)
-            report["per_config"].append({"config": name, "compile": comp == "on", **res})
-            print(_row(report["per_config"][-1]), flush=True)
+            for mb in micros:
+                out = tmp / f"c{i}-{comp}-{mb}.json"
+                res = _run(_worker_cmd(args, name, comp, out, extra=["--micro", str(mb)] if mb else []), one_env, out,
+                           args.timeout)
+                report["per_config"].append({"config": name, "compile": comp == "on", **res})
+                print(_row(report["per_config"][-1]), flush=True)
     if not args.no_scaling:
         ks = [k for k in (int(x) for x in args.scaling.split(",")) if not cuda or k <= n_gpu]
         top = max(ks)
@@ -262,7 +265,7 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"{r['config']:38} compile={'on ' if r['compile'] else 'off'}  ERROR {r['error'][:80]}"
     return (f"{r['config']:38} compile={'on ' if r['compile'] else 'off'} N={r['non_embedding_params'] / 1e6:7.2f}M "
-            f"{r['tokens_per_s'] / 1e6:8.3f}M tok/s  MFU {r['mfu']:6.1%}  step {r['step_ms']:7.1f} ms  "
+            f"mb {r.get('micro_batch_size') or '-':>4} {r['tokens_per_s'] / 1e6:8.3f}M tok/s  MFU {r['mfu']:6.1%}  step {r['step_ms']:7.1f} ms  "
             f"warmup {r['warmup_seconds']:5.1f} s  mem {r['peak_memory_gib'] or 0:5.1f} GiB")
 
 
@@ -290,6 +293,9 @@ def main(argv=None) -> int:
                                                     f"default GPU: {GPU_DEFAULT}; CPU: {CPU_DEFAULT}")
     ap.add_argument("--compile", choices=["on", "off", "both"], default=None, help="default: both on GPU, off on CPU")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--micro-batch", default=None,
+                    help="sequences per micro-batch for the per-config rows, comma-separated to compare several "
+                         "(default: each config's own); the global batch stays, so fewer means more accumulation")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=8192)
