@@ -149,7 +149,7 @@ class SparsityProbe:
         self.sketch_dim = int(sketch_dim)
         self.curve_tokens = int(curve_tokens)
         self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
-        self.col_norms = [s.column_norms().to(s.module.weight.device) for s in self.sites]
+        self.col_norms = [s.column_norms() for s in self.sites]  # on the device of W_down
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())

@@ -175,7 +175,7 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
     removed on exit, also after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
-    norms = {s.index: s.column_norms().to(s.module.weight.device) for s in sites}
+    norms = {s.index: s.column_norms() for s in sites}  # on the device of W_down
 
     def edit(site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if check_finite and not torch.isfinite(a).all():
