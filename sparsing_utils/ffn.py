@@ -219,7 +219,7 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def _track_token_shapes(sites: Sequence[FFNSite], shapes: dict[int, torch.Size], handles: list) -> None:
     """Record each layer's ``[batch, seq]`` (from its hidden-states input) in ``shapes``."""
     for site in sites:
-        if site.layer is None:
+        if site.layer is None or site.moe is not None:  # an MoE block's forward sees [batch, seq, d] itself
             continue
 
         def layer_hook(module, args, kwargs, _site=site):

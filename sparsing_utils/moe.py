@@ -26,6 +26,7 @@ differ only in the rows of :data:`EXPERT_KINDS`.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -176,6 +177,20 @@ ReadVisitor = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(eq=False)
+class _Visits:
+    """What runs a block while it is visited, shared by every MoELayer describing it (each
+    find_ffn_sites call makes new ones): the visitors, the block's own forward, the last routing."""
+
+    edits: list = field(default_factory=list)  # (edit, need_gate)
+    reads: list = field(default_factory=list)
+    saved_forward: object = None
+    ran: torch.Tensor | None = None  # [batch, seq, E] bool: the experts that ran on each token, last forward
+
+
+_VISITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _Visits, while visited
+
+
+@dataclass(eq=False)
 class MoELayer:
     """One decoder layer's MoE block seen as a virtual FFN of ``d_ff = E * d_expert + d_shared`` neurons."""
 
@@ -190,9 +205,11 @@ class MoELayer:
     d_expert: int
     d_shared: int
     d_model: int
-    ran: torch.Tensor | None = field(default=None, repr=False)  # [batch, seq, E] bool, set by each forward
-    _edits: list = field(default_factory=list, repr=False)
-    _reads: list = field(default_factory=list, repr=False)
+    @property
+    def ran(self) -> torch.Tensor | None:
+        """``[batch, seq, E]`` bool: the experts that ran on each token in the last visited forward."""
+        visits = _VISITS.get(self.block)
+        return None if visits is None else visits.ran
 
     @property
     def d_ff(self) -> int:
@@ -227,28 +244,29 @@ class MoELayer:
         """Route the block's forward through :meth:`forward` with these visitors (nestable; ``need_gate``:
         ``edit`` also gets the gate scores ``act(W_gate x)``, zeros for experts that did not run); the
         block's own forward is restored on exit, also after an exception."""
-        first = not (self._edits or self._reads)
+        visits = _VISITS.get(self.block)
+        first = visits is None
         if first:
-            saved = self.block.__dict__.get("forward")
+            visits = _VISITS[self.block] = _Visits(saved_forward=self.block.__dict__.get("forward"))
             self.block.forward = self.forward
         entry = (edit, need_gate)
         if edit is not None:
-            self._edits.append(entry)
+            visits.edits.append(entry)
         if read is not None:
-            self._reads.append(read)
+            visits.reads.append(read)
         try:
             yield
         finally:
             if edit is not None:
-                self._edits.remove(entry)
+                visits.edits.remove(entry)
             if read is not None:
-                self._reads.remove(read)
+                visits.reads.remove(read)
             if first:
-                if saved is None:
+                del _VISITS[self.block]
+                if visits.saved_forward is None:
                     del self.block.forward
                 else:
-                    self.block.forward = saved
-                self.ran = None
+                    self.block.forward = visits.saved_forward
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors."""
@@ -258,7 +276,8 @@ class MoELayer:
         h = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
         weights, index = _route(self.router(hidden_states), self.name)  # [T, k], the model's own routing
         n, e_all, de = h.shape[0], self.num_experts, self.d_expert
-        need_gate = any(wants for _, wants in self._edits)
+        visits = _VISITS[self.block]
+        need_gate = any(wants for _, wants in visits.edits)
         v = h.new_zeros(n, self.d_ff)  # [T, d_ff] routing weights folded in
         gate_v = h.new_zeros(n, self.d_ff) if need_gate else None
         # The eager loop of transformers' experts: the tokens of each expert that was hit.
@@ -276,7 +295,7 @@ class MoELayer:
             if gate_v is not None:
                 gate_v[tok, e * de:(e + 1) * de] = g.to(v.dtype)
             runs.append((e, tok, w, a))
-        self.ran = expert_mask[:e_all].sum(dim=1).bool().t().reshape(*lead, e_all)  # [batch, seq, E]
+        visits.ran = expert_mask[:e_all].sum(dim=1).bool().t().reshape(*lead, e_all)  # [batch, seq, E]
         if self.shared is not None:
             s_gate, s_up, s_down, s_act = self.shared
             g = s_act(s_gate(h))
@@ -286,7 +305,7 @@ class MoELayer:
             if gate_v is not None:
                 gate_v[:, e_all * de:] = g
         v_new = v
-        for edit, _ in self._edits:
+        for edit, _ in visits.edits:
             out = edit(v_new.view(*lead, self.d_ff), None if gate_v is None else gate_v.view(*lead, self.d_ff))
             if out is not None:
                 v_new = out.reshape(n, self.d_ff)
@@ -306,7 +325,7 @@ class MoELayer:
             shared_out = s_down(a_s)
             y = y + (sg * shared_out if sg is not None else shared_out)
         y = y.view(*lead, -1)
-        for read in self._reads:
+        for read in visits.reads:
             read(v_new.view(*lead, self.d_ff), y)
         return y
 
