@@ -64,6 +64,7 @@ class _Fused:
     loop or by grouped_mm / batched_mm kernels."""
 
     name = "fused 3-D expert weights"
+    router_sees_batch = False  # transformers' blocks route the flattened tokens [tokens, d]
 
     @staticmethod
     def matches(experts: nn.Module) -> bool:
@@ -114,6 +115,7 @@ class _ModuleList:
     and ``act_fn``): DeepSeek-V2/V3's remote code (``modeling_deepseek.py``), transformers 4.x."""
 
     name = "module list of expert MLPs"
+    router_sees_batch = True  # DeepSeek's remote MoEGate unpacks [batch, seq, d]
 
     @staticmethod
     def matches(experts: nn.Module) -> bool:
@@ -158,17 +160,19 @@ EXPERT_KINDS = (_Fused, _ModuleList)
 
 def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [tokens, k], index [tokens, k])`` from a router's output: transformers >= 5 routers
-    return ``(logits, weights, index)``, DeepSeek's remote ``MoEGate`` ``(index, weights[, aux])``."""
+    return ``(logits, weights, index)``, DeepSeek's remote ``MoEGate`` ``(index, weights[, aux])``.
+    Routers called on ``[batch, seq, d]`` (the remote ``MoEGate``) may answer ``[batch, seq, k]``."""
     parts = out if isinstance(out, tuple) else (out,)
-    index = next((t for t in parts if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()), None)
+    index = next((t for t in parts if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()), None)
     weights = None if index is None else next(
         (t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == index.shape), None)
+    if weights is not None:  # routers fed [batch, seq, d] answer per token either way: [tokens, k]
+        return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])
     if weights is None:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
         raise ValueError(f"the router {router_name} returned {shapes}: expected the chosen experts' indices and "
                          "routing weights, both [tokens, k] (transformers >= 5 routers, DeepSeek's MoEGate); a router "
                          "that returns only logits (transformers 4.x) cannot be read")
-    return weights, index
 
 
 # Visitors of one forward: edit(v, gate) -> v' or None, before the output; read(v, y) after it.
@@ -188,6 +192,7 @@ class _Visits:
 
 
 _VISITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _Visits, while visited
+_ROUTED_K: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> k, inside routed_top_k
 
 
 @dataclass(eq=False)
@@ -270,11 +275,17 @@ class MoELayer:
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors."""
-        if self.block.training and getattr(self.block, "jitter_noise", 0):
+        if self.block.training and any(getattr(self.block, n, 0) for n in ("jitter_noise", "input_jitter_noise")):
             raise ValueError(f"{self.name} is in training mode with router jitter: call model.eval() first")
         lead = hidden_states.shape[:-1]
         h = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
-        weights, index = _route(self.router(hidden_states), self.name)  # [T, k], the model's own routing
+        routed = self.router(hidden_states if self.kind.router_sees_batch else h)  # as the block's own forward
+        weights, index = _route(routed, self.name)  # [T, k], the model's own routing
+        want = _ROUTED_K.get(self.block)
+        if want is not None and index.shape[-1] != want:
+            raise ValueError(f"the router of {self.name} ({type(self.router).__name__}) chose {index.shape[-1]} experts "
+                             f"per token with top_k set to {want}: its routing does not follow top_k, so the number "
+                             "of routed experts cannot be changed on this model")
         n, e_all, de = h.shape[0], self.num_experts, self.d_expert
         visits = _VISITS[self.block]
         need_gate = any(wants for _, wants in visits.edits)
@@ -396,6 +407,7 @@ def routed_top_k(model: nn.Module, k: int, *, sites: Sequence | None = None) -> 
              for m in layers]
     try:
         for m in layers:
+            _ROUTED_K[m.block] = k  # checked by MoELayer.forward: routers that ignore top_k are refused
             m.router.top_k = k
             for attr in ("top_k", "num_experts_per_tok"):
                 if isinstance(getattr(m.block, attr, None), int):
@@ -403,6 +415,7 @@ def routed_top_k(model: nn.Module, k: int, *, sites: Sequence | None = None) -> 
         yield layers
     finally:
         for m, router_k, block_k, block_n in saved:
+            _ROUTED_K.pop(m.block, None)
             m.router.top_k = router_k
             if block_k is not None:
                 m.block.top_k = block_k

@@ -312,6 +312,38 @@ def test_unmasked_logits_equal_the_fused_kernels(impl):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
+# More transformers families with fused experts, built from their config classes (tiny sizes under
+# every config's own names): the sites are found and, unmasked, the logits are bitwise the model's own.
+MORE_FAMILIES = ("phimoe", "granitemoe", "glm4_moe", "ernie4_5_moe", "minimax", "flex_olmo", "exaone_moe")
+MORE_CONFIG = {**COMMON, "num_hidden_layers": 2, "intermediate_size": 13, "moe_intermediate_size": 11,
+               "num_local_experts": 5, "num_experts": 5, "n_routed_experts": 5, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("model_type", MORE_FAMILIES)
+def test_more_fused_families(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **MORE_CONFIG)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    sites = find_ffn_sites(model)
+    moe = [s for s in sites if s.moe is not None]
+    assert moe and all(s.moe.num_experts == 5 and s.moe.top_k == 2 for s in moe)
+    x = ids(seed=8)
+    ref = logits(model, x)
+    with apply_rule(model, DenseRule()):
+        assert torch.equal(logits(model, x), ref)
+    if model_type == "phimoe":  # its sparsemixer routing is fixed at 2 experts whatever top_k says
+        with pytest.raises(ValueError, match="chose 2 experts per token with top_k set to 1: its routing does not "
+                                             "follow top_k"), apply_rule(model, RoutedExpertsRule(1)):
+            logits(model, x)
+    else:
+        with apply_rule(model, RoutedExpertsRule(1)):
+            assert not torch.equal(logits(model, x), ref)
+    assert all(s.moe.top_k == 2 for s in moe) and count_hooks(model) == 0
+
+
 # -- CETT, masking and the activation ratios ----------------------------------------------------
 
 @pytest.mark.parametrize("family", ALL_LAYOUTS)
