@@ -166,13 +166,12 @@ def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     index = next((t for t in parts if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()), None)
     weights = None if index is None else next(
         (t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == index.shape), None)
-    if weights is not None:  # routers fed [batch, seq, d] answer per token either way: [tokens, k]
-        return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])
     if weights is None:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
         raise ValueError(f"the router {router_name} returned {shapes}: expected the chosen experts' indices and "
                          "routing weights, both [tokens, k] (transformers >= 5 routers, DeepSeek's MoEGate); a router "
                          "that returns only logits (transformers 4.x) cannot be read")
+    return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])  # [tokens, k]
 
 
 # Visitors of one forward: edit(v, gate) -> v' or None, before the output; read(v, y) after it.
@@ -210,6 +209,7 @@ class MoELayer:
     d_expert: int
     d_shared: int
     d_model: int
+
     @property
     def ran(self) -> torch.Tensor | None:
         """``[batch, seq, E]`` bool: the experts that ran on each token in the last visited forward."""
@@ -274,7 +274,10 @@ class MoELayer:
                     self.block.forward = visits.saved_forward
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors."""
+        """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors.
+
+        Edits reach the experts that ran; an edit of a neuron of an expert that did not run on the
+        token is ignored (that expert is not computed)."""
         if self.block.training and any(getattr(self.block, n, 0) for n in ("jitter_noise", "input_jitter_noise")):
             raise ValueError(f"{self.name} is in training mode with router jitter: call model.eval() first")
         lead = hidden_states.shape[:-1]
