@@ -433,6 +433,31 @@ def test_memory_and_stream_modes_agree_and_results_carry_both_ratios(tmp_path):
     assert count_hooks(model) == 0
 
 
+def test_sparsing_measure_on_an_moe_folder(tmp_path, capsys):
+    """The command line on a saved tiny Qwen2-MoE (model folder + the character tokenizer), stream mode:
+    the table gets the ran-experts column and the JSON both ratios per result."""
+    from conftest import build_tiny_tokenizer, markov_text
+
+    from sparsing_utils import cli
+
+    model = build("qwen2_moe")
+    model.config.vocab_size = VOCAB
+    folder = tmp_path / "moe"
+    model.save_pretrained(folder)
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(ch for ch in markov_text(3000, seed=4) if tok.convert_tokens_to_ids(ch) < VOCAB))
+    out = tmp_path / "r.json"
+    rc = cli.main(["measure", "--model", str(folder), "--text", str(text), "--tokens", "512", "--block-len", "64",
+                   "--p", "1", "--mode", "stream", "--out", str(out), "--quiet"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "ran ratio" in stdout and "over the neurons of the experts that ran" in stdout
+    r = json.loads(out.read_text())["results"][0]
+    assert 0 < r["activation_ratio"] < r["activation_ratio_ran"] <= 1 and len(r["layer_activation_ratio_ran"]) == 3
+
+
 # -- Fig. 2: the number of routed experts -------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "remote_deepseek"])
