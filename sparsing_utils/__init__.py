@@ -9,11 +9,13 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``sources``       text sources: built-in pydoc/stdlib, local files, ``hf:`` datasets
 - ``blocks``        deterministic fixed-length token blocks cut from a source
 - ``ffn``           find each layer's FFN; hooks that read or edit the activation vector ``a``
+- ``moe``           Mixture-of-Experts layers as one virtual FFN each (every expert's neurons, routing
+  weights folded in); the number of routed experts (Fig. 2)
 - ``cett``          tensor math: neuron norms, CETT, thresholds (no model)
 - ``rules``         sparsification rules: CETT thresholds, Top-k, FAT-eps, ReLU
 - ``probe``         ``SparsityProbe``: one model on one set of blocks (dense pass, exact CETT, sparse passes)
 - ``search``        the PPL-p% search on the CETT target and Algorithm 1 (``EvaluationTable``)
-- ``pareto``        PPL-vs-activation sweeps of each rule family (Fig. 3)
+- ``pareto``        PPL-vs-activation sweeps of each rule family (Fig. 3; routed experts, Fig. 2)
 - ``results``       result objects (JSON, atomic) and ``sparse_inference``
 - ``jsonio``        the one atomic file writer (JSON or bytes), and the check that an output path can be written
 - ``measure``       model + text -> report, end to end (the ``sparsing measure`` command)
@@ -65,7 +67,8 @@ from .models import (
     load_model,
     smollm2_gguf_path,
 )
-from .pareto import fat_eps_for, pareto_from_search, pareto_sweep
+from .moe import MoELayer, moe_layers, routed_top_k
+from .pareto import experts_for, fat_eps_for, pareto_from_search, pareto_sweep
 from .probe import PassStats, SparsityProbe
 from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
 from .rules import (
@@ -73,6 +76,7 @@ from .rules import (
     DenseRule,
     FATRule,
     ReLURule,
+    RoutedExpertsRule,
     SparsityRule,
     TopKRule,
     apply_rule,
@@ -95,10 +99,12 @@ __all__ = [
     "FATRule",
     "FFNSite",
     "LoadedModel",
+    "MoELayer",
     "NormHistogram",
     "PPLPResult",
     "PassStats",
     "ReLURule",
+    "RoutedExpertsRule",
     "SparsityProbe",
     "SparsityReport",
     "SparsityRule",
@@ -116,6 +122,7 @@ __all__ = [
     "count_hooks",
     "describe_model",
     "edit_activations",
+    "experts_for",
     "fat_eps_for",
     "find_ffn_sites",
     "interpolate_thresholds",
@@ -125,12 +132,14 @@ __all__ = [
     "make_blocks",
     "measure_probe",
     "measure_sparsity",
+    "moe_layers",
     "neuron_norms",
     "open_corpus",
     "pareto_from_search",
     "pareto_sweep",
     "read_activations",
     "refine_thresholds",
+    "routed_top_k",
     "search_checkpoints",
     "search_ppl_p",
     "smollm2_gguf_path",

@@ -8,6 +8,11 @@ forward pre-hook on that output projection therefore reads and edits ``a`` for e
 architecture. The gated models' Top-k and FAT baselines rank neurons by the gate
 activation ``act(W_gate x)``, which a forward hook on the activation module provides.
 
+Mixture-of-Experts layers (:mod:`sparsing_utils.moe`) are one site each: ``a`` is the virtual
+activation vector of all experts of the layer, routing weights folded in, and ``W_down`` their
+concatenated output projections; inside the context managers the MoE block runs through
+:meth:`~sparsing_utils.moe.MoELayer.forward`, which shows that vector.
+
 Hooks exist only inside the context managers below and are removed in ``finally``.
 """
 from __future__ import annotations
@@ -20,14 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .moe import MoELayer, find_moe
+
 __all__ = [
-    "FFNSite",
     "FFN_REGISTRY",
     "REMOTE_CODE_MODEL_TYPES",
+    "FFNSite",
+    "count_hooks",
+    "edit_activations",
     "find_ffn_sites",
     "read_activations",
-    "edit_activations",
-    "count_hooks",
 ]
 
 
@@ -96,11 +103,14 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
 
 @dataclass(frozen=True, eq=False)
 class FFNSite:
-    """One layer's FFN: its output projection (whose input is ``a``) and activation module."""
+    """One layer's FFN: its output projection (whose input is ``a``) and activation module.
+
+    For an MoE layer, ``moe`` describes the block (``module`` is the block itself), ``d_ff`` is
+    ``E * d_expert + d_shared`` and ``W_down`` the experts' concatenated output projections."""
 
     index: int
-    name: str  # qualified name of the output projection inside the model
-    module: nn.Module  # nn.Linear(d_ff -> d_model) or GPT-2 Conv1D
+    name: str  # qualified name of the output projection inside the model (MoE: of the block)
+    module: nn.Module  # nn.Linear(d_ff -> d_model) or GPT-2 Conv1D (MoE: the block)
     act_module: nn.Module | None  # gate activation act(W_gate x) (gated FFNs only)
     gated: bool
     d_ff: int
@@ -108,9 +118,12 @@ class FFNSite:
     # The decoder layer holding the FFN: its input's shape restores [batch, seq] for
     # architectures that flatten the tokens before the FFN (OPT feeds fc2 [batch*seq, d_ff]).
     layer: nn.Module | None = field(default=None, repr=False)
+    moe: MoELayer | None = field(default=None, repr=False)
 
     def weight_t(self) -> torch.Tensor:
         """``W_down`` transposed, ``[d_ff, d_model]``, so that ``y = a @ weight_t()``."""
+        if self.moe is not None:
+            return self.moe.weight_t()
         w = self.module.weight
         return w if _is_conv1d(self.module) else w.t()
 
@@ -120,7 +133,7 @@ class FFNSite:
 
 
 def find_ffn_sites(model: nn.Module) -> list[FFNSite]:
-    """Locate every decoder layer's FFN output projection.
+    """Locate every decoder layer's FFN output projection (or MoE block: :func:`~sparsing_utils.moe.find_moe`).
 
     Looks up ``config.model_type`` in :data:`FFN_REGISTRY`; otherwise searches the usual
     layer containers and projection names and checks shapes (input = ``d_ff``, output =
@@ -165,6 +178,10 @@ def _sites_from(layers: nn.ModuleList, path: str, down_names: Sequence[str], act
     sites = []
     act_seen: set[int] = set()
     for i, layer in enumerate(layers):
+        moe = find_moe(layer, f"{path}.{i}")
+        if moe is not None:
+            sites.append(FFNSite(i, moe.name, moe.block, None, True, moe.d_ff, moe.d_model, layer, moe))
+            continue
         found = None
         for down in down_names:
             module = _get(layer, down)
@@ -202,7 +219,7 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def _track_token_shapes(sites: Sequence[FFNSite], shapes: dict[int, torch.Size], handles: list) -> None:
     """Record each layer's ``[batch, seq]`` (from its hidden-states input) in ``shapes``."""
     for site in sites:
-        if site.layer is None:
+        if site.layer is None or site.moe is not None:  # an MoE block's forward sees [batch, seq, d] itself
             continue
 
         def layer_hook(module, args, kwargs, _site=site):
@@ -234,6 +251,11 @@ def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequen
     try:
         _track_token_shapes(sites, shapes, handles)
         for site in sites:
+            if site.moe is not None:
+                def moe_read(a, y, _site=site):
+                    fn(_site, a, y) if with_output else fn(_site, a)
+                handles.append(_entered(site.moe.visiting(read=moe_read)))
+                continue
             if with_output:
                 def hook(module, args, output, _site=site):
                     bias = _bias(module)
@@ -261,7 +283,7 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     if need_gate:
-        missing = [s.name for s in sites if s.gated and s.act_module is None]
+        missing = [s.name for s in sites if s.gated and s.act_module is None and s.moe is None]
         if missing:
             raise ValueError(
                 f"a gate-ranked rule needs the activation module act(W_gate x), not found next to "
@@ -273,6 +295,11 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
     try:
         _track_token_shapes(sites, shapes, handles)
         for site in sites:
+            if site.moe is not None:
+                def moe_edit(a, gate, _site=site):
+                    return fn(_site, a, gate)
+                handles.append(_entered(site.moe.visiting(edit=moe_edit, need_gate=need_gate)))
+                continue
             if need_gate and site.gated:
                 def act_hook(module, args, output, _site=site):
                     gates[_site.index] = output
@@ -295,6 +322,19 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
         shapes.clear()
 
 
+class _entered:
+    """A context manager entered now, with the ``remove()`` of a hook handle (exits it)."""
+
+    def __init__(self, cm):
+        self._cm = cm
+        cm.__enter__()
+
+    def remove(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
 def count_hooks(model: nn.Module) -> int:
-    """Number of forward (pre-)hooks on all modules of ``model`` (0 for a clean model)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Number of forward (pre-)hooks on all modules of ``model``, plus MoE blocks whose forward is
+    replaced (0 for a clean model)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+               for m in model.modules())

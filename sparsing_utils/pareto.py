@@ -8,6 +8,10 @@ pass is shared), so the rule families are compared on the very same tokens.
 * :func:`pareto_sweep` - one sparse pass per value of a rule family; with ``activation_ratios``
   the values are placed so that the points land near those ratios (e.g. the span of the
   search's points), so that a few passes cover the range where the curves are compared.
+  On MoE models, ``"experts"`` is Fig. 2's curve: the number of experts each token is routed
+  to (the routers' top-k), every neuron of those experts kept; the frames then carry both
+  activation ratios (``activation_ratio`` over all expert neurons, ``activation_ratio_ran``
+  over the neurons of the experts that ran).
 """
 from __future__ import annotations
 
@@ -15,12 +19,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .moe import moe_layers
 from .probe import SparsityProbe
-from .rules import CETTRule, FATRule, ReLURule, SparsityRule, TopKRule
+from .rules import (
+    CETTRule,
+    FATRule,
+    ReLURule,
+    RoutedExpertsRule,
+    SparsityRule,
+    TopKRule,
+)
 
-__all__ = ["PLACE_RULES", "SWEEP_RULES", "fat_eps_for", "pareto_from_search", "pareto_sweep"]
+__all__ = ["PLACE_RULES", "SWEEP_RULES", "experts_for", "fat_eps_for", "pareto_from_search", "pareto_sweep"]
 
 COLUMNS = ["rule", "value", "activation_ratio", "ppl", "ppl_ratio"]
+MOE_COLUMNS = [*COLUMNS, "activation_ratio_ran"]  # MoE models: also the ratio over the experts that ran
 
 # rule family -> how one sweep value becomes a rule on a probe (``kw``: extra rule arguments).
 SWEEP_RULES: dict[str, Callable[[SparsityProbe, float, dict], SparsityRule]] = {
@@ -28,7 +41,28 @@ SWEEP_RULES: dict[str, Callable[[SparsityProbe, float, dict], SparsityRule]] = {
     "topk": lambda probe, v, kw: TopKRule(v, **kw),  # v = kept ratio; kw: score, scope
     "fat": lambda probe, v, kw: FATRule(v),  # v = eps on |act(W_gate x)|
     "relu": lambda probe, v, kw: ReLURule(),  # one point: a_i != 0
+    "experts": lambda probe, v, kw: RoutedExpertsRule(int(v)),  # v = routed experts per token (MoE, Fig. 2)
 }
+
+
+def experts_for(probe: SparsityProbe, activation_ratios: Sequence[float]) -> list[int]:
+    """The numbers of routed experts ``k`` whose all-expert activation ratio is nearest each of
+    ``activation_ratios``: with every neuron of the k experts that ran kept, a layer's ratio is
+    ``(k d_expert + d_shared) / (E d_expert + d_shared)`` (dense layers: 1); averaged over layers.
+    Distinct values, ascending."""
+    layers = moe_layers(probe.sites)
+    if not layers:
+        raise ValueError(f"{probe.name} has no MoE layer: the number of routed experts applies to MoE models")
+    most = min(m.num_experts for m in layers)
+    ratio = {k: sum((k * m.d_expert + m.d_shared) / m.d_ff for m in layers) / len(layers) for k in range(1, most + 1)}
+    dense = len(probe.sites) - len(layers)  # dense FFN layers of the model count 1
+    ratio = {k: (r * len(layers) + dense) / len(probe.sites) for k, r in ratio.items()}
+    out = set()
+    for r in activation_ratios:
+        if not 0 < r <= 1:
+            raise ValueError(f"activation ratios must be in (0, 1], got {r!r}")
+        out.add(min(ratio, key=lambda k: abs(ratio[k] - r)))
+    return sorted(out)
 
 
 def fat_eps_for(probe: SparsityProbe, activation_ratios: Sequence[float], *, tokens: int = 1024) -> list[float]:
@@ -62,6 +96,7 @@ def fat_eps_for(probe: SparsityProbe, activation_ratios: Sequence[float], *, tok
 PLACE_RULES: dict[str, Callable[[SparsityProbe, Sequence[float], dict], list[float]]] = {
     "topk": lambda probe, ratios, kw: [float(r) for r in ratios],  # k / d_ff is the activation ratio itself
     "fat": lambda probe, ratios, kw: fat_eps_for(probe, ratios),
+    "experts": lambda probe, ratios, kw: experts_for(probe, ratios),
 }
 
 
@@ -71,9 +106,10 @@ def pareto_sweep(probe: SparsityProbe, rule: str, values: Sequence[float] | None
 
     rule: ``"cett"`` (values = CETT targets, exact thresholds), ``"topk"`` (values = kept
     ratios; ``scope="global"`` for the official variant), ``"fat"`` (values = eps),
-    ``"relu"`` (one point, no values). Instead of ``values``, ``activation_ratios`` places the
-    points (``"topk"``, ``"fat"``: :data:`PLACE_RULES`). Returns a pandas DataFrame with
-    columns rule, value, activation_ratio, ppl, ppl_ratio.
+    ``"relu"`` (one point, no values), ``"experts"`` (MoE models, Fig. 2: values = experts each
+    token is routed to). Instead of ``values``, ``activation_ratios`` places the points
+    (``"topk"``, ``"fat"``, ``"experts"``: :data:`PLACE_RULES`). Returns a pandas DataFrame with
+    columns rule, value, activation_ratio, ppl, ppl_ratio (and activation_ratio_ran for MoE models).
     """
     import pandas as pd
 
@@ -98,8 +134,8 @@ def pareto_sweep(probe: SparsityProbe, rule: str, values: Sequence[float] | None
         r = SWEEP_RULES[rule](probe, float(v), rule_kw)
         s = probe.sparse_pass(r, per_token=False)
         rows.append({"rule": r.name, "value": float(v), "activation_ratio": s.activation_ratio, "ppl": s.ppl,
-                     "ppl_ratio": s.ppl / probe.dense.ppl})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                     "ppl_ratio": s.ppl / probe.dense.ppl, "activation_ratio_ran": s.activation_ratio_ran})
+    return pd.DataFrame(rows, columns=MOE_COLUMNS if moe_layers(probe.sites) else COLUMNS)
 
 
 def pareto_from_search(source):
@@ -119,5 +155,7 @@ def pareto_from_search(source):
     if not points:
         raise ValueError("no evaluated points: run the PPL-p% search first (measure_probe / search_ppl_p)")
     rows = [{"rule": "cett", "value": float(pt["c"]), "activation_ratio": float(pt["activation_ratio"]),
-             "ppl": float(pt["ppl_sparse"]), "ppl_ratio": float(pt["ppl_ratio"])} for pt in points]
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values("value", ignore_index=True)
+             "ppl": float(pt["ppl_sparse"]), "ppl_ratio": float(pt["ppl_ratio"]),
+             "activation_ratio_ran": pt.get("activation_ratio_ran")} for pt in points]
+    moe = all(pt.get("activation_ratio_ran") is not None for pt in points)
+    return pd.DataFrame(rows, columns=MOE_COLUMNS if moe else COLUMNS).sort_values("value", ignore_index=True)

@@ -678,7 +678,8 @@ def plot_layer_profile(results: Sequence, axes=None):
 
 
 def plot_pareto(frame, points=None, ax=None):
-    """PPL ratio against activation ratio, one line per rule (the paper's Fig. 3).
+    """PPL ratio against activation ratio, one line per rule (the paper's Fig. 3; on an MoE model
+    the ``"experts"`` rows are Fig. 2's curve of the number of routed experts).
 
     frame: rows with columns rule, activation_ratio, ppl_ratio; points: optional rows with
     p, activation_ratio, ppl_ratio (the PPL-p% results) to annotate.
@@ -686,7 +687,8 @@ def plot_pareto(frame, points=None, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 4.2))
     labels = {"cett": "PPL-p% / CETT (ours)", "topk": "Top-k (per token)",
-              "topk_global_official": "Top-k (global, official)", "fat": "FAT-eps", "relu": "ReLU zeros"}
+              "topk_global_official": "Top-k (global, official)", "fat": "FAT-eps", "relu": "ReLU zeros",
+              "experts": "routed experts top-k (MoE, Fig. 2)"}
     for rule, group in frame.groupby("rule", sort=False):
         g = group.sort_values("activation_ratio")
         ax.plot(g["activation_ratio"], g["ppl_ratio"], marker="o", ms=3, label=labels.get(rule, rule))

@@ -94,6 +94,9 @@ class PassStats:
     n_predicted: int
     layer_active: torch.Tensor | None = None  # [layers] activated fraction
     layer_token_active: torch.Tensor | None = None  # [layers, tokens] activated fraction (float16)
+    # MoE models: [layers] activated fraction of the neurons of the experts that ran (+ shared);
+    # ``layer_active`` counts over all expert neurons of each layer. None for dense models.
+    layer_active_ran: torch.Tensor | None = None
 
     @property
     def ppl(self) -> float:
@@ -102,6 +105,10 @@ class PassStats:
     @property
     def activation_ratio(self) -> float:
         return float(self.layer_active.mean()) if self.layer_active is not None else 1.0
+
+    @property
+    def activation_ratio_ran(self) -> float | None:
+        return float(self.layer_active_ran.mean()) if self.layer_active_ran is not None else None
 
     @property
     def token_active(self) -> torch.Tensor | None:  # [tokens]
@@ -149,7 +156,7 @@ class SparsityProbe:
         self.sketch_dim = int(sketch_dim)
         self.curve_tokens = int(curve_tokens)
         self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
-        self.col_norms = [s.column_norms().to(s.module.weight.device) for s in self.sites]
+        self.col_norms = [s.column_norms() for s in self.sites]  # on the device of W_down
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
@@ -414,11 +421,16 @@ class SparsityProbe:
         active = torch.zeros(layers, dtype=torch.float64, device=self.device)
         local_tokens = int(self.attention_mask.sum())
         per_tok = torch.zeros(layers, local_tokens, dtype=torch.float32, device=self.device) if per_token else None
+        moe = any(s.moe is not None for s in self.sites)
+        ran = torch.zeros(layers, dtype=torch.float64, device=self.device)  # MoE: neurons of the experts that ran
         rows = TokenRows()
 
         def record(site: FFNSite, keep: torch.Tensor):  # keep [batch, seq, d_ff]
             counts = rows(keep.sum(dim=-1, dtype=torch.float32)).to(self.device)  # [tokens]
             active[site.index] += counts.sum(dtype=torch.float64)
+            if moe:
+                ran[site.index] += (rows(site.moe.ran_neurons()).to(self.device).sum(dtype=torch.float64)
+                                    if site.moe is not None else counts.numel() * site.d_ff)
             if per_tok is not None:
                 per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 
@@ -429,7 +441,8 @@ class SparsityProbe:
         _all_reduce(active)
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
         layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
-        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None)
+        layer_ran = (active / _all_reduce(ran).clamp_min(1)).float().cpu() if moe else None
+        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None, layer_ran)
 
     def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
         """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the

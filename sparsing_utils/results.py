@@ -27,7 +27,12 @@ __all__ = ["PPLPResult", "CheckpointResult", "SparsityReport", "sparse_inference
 @dataclass
 class PPLPResult:
     """PPL-p% sparsity of one model (PAPER.md Sec. 1): the CETT target ``c`` whose sparse PPL is
-    ``(1 + p/100)`` times the dense PPL, and the activation ratios at that point."""
+    ``(1 + p/100)`` times the dense PPL, and the activation ratios at that point.
+
+    MoE models (:mod:`sparsing_utils.moe`): ``activation_ratio`` and ``layer_activation_ratio``
+    count over all expert neurons of each layer (+ shared); ``activation_ratio_ran`` and
+    ``layer_activation_ratio_ran`` over the neurons of the experts that ran for each token (+ shared).
+    Both are None for dense models, and left out of their JSON."""
 
     p: float
     cett: float
@@ -43,13 +48,22 @@ class PPLPResult:
     message: str = ""
     sparse_passes: int = 0
     seconds: float = 0.0
+    activation_ratio_ran: float | None = None
+    layer_activation_ratio_ran: list[float] | None = None
 
     @property
     def sparsity_ratio(self) -> float:
         return 1.0 - self.activation_ratio
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in _MOE_ONLY:
+            if d[key] is None:
+                del d[key]
+        return d
+
+
+_MOE_ONLY = ("activation_ratio_ran", "layer_activation_ratio_ran")  # PPLPResult fields that dense models leave out
 
 
 @dataclass
@@ -116,11 +130,19 @@ class SparsityReport:
         return cls(**d)
 
     def table(self) -> str:
-        head = f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} {'PPL dense':>10} {'PPL sparse':>10} {'ratio':>8} ok"
+        """One row per p; MoE models get a second activation-ratio column, over the experts that ran
+        (the first counts over all expert neurons)."""
+        moe = any(r.activation_ratio_ran is not None for r in self.results)
+        head = (f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} " + (f"{'ran ratio':>10} " if moe else "")
+                + f"{'PPL dense':>10} {'PPL sparse':>10} {'ratio':>8} ok")
         rows = [head]
         for r in self.results:
-            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {r.ppl_dense:>10.4f} "
+            ran = f"{r.activation_ratio_ran:>10.4f} " if moe else ""
+            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {ran}{r.ppl_dense:>10.4f} "
                         f"{r.ppl_sparse:>10.4f} {r.ppl_ratio:>8.4f} {'yes' if r.converged else 'NO: ' + r.message}")
+        if moe:
+            rows.append("act. ratio: over all expert neurons of each layer; ran ratio: over the neurons of the "
+                        "experts that ran for each token (shared experts in both)")
         return "\n".join(rows)
 
     def dataframe(self):

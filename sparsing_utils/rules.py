@@ -9,9 +9,12 @@
 * :class:`FATRule` - FAT-eps baseline (Fig. 3): activated when ``|act(W_gate x)_i| > eps``.
 * :class:`ReLURule` - straightforward ReLU sparsity: activated when ``a_i != 0``.
 * :class:`DenseRule` - keeps everything (a control: identical to the unhooked model).
+* :class:`RoutedExpertsRule` - MoE models (Fig. 2): every token goes to ``k`` experts (the
+  routers' top-k), all their neurons kept.
 
 A rule maps ``(site, a, gate, col_norms)`` to a boolean mask shaped like ``a``
-(``True`` = activated); :func:`apply_rule` zeroes the rest inside a context manager.
+(``True`` = activated); :func:`apply_rule` zeroes the rest inside a context manager. In an MoE
+layer a neuron of an expert that did not run on the token is never activated, whatever the rule.
 """
 from __future__ import annotations
 
@@ -24,18 +27,22 @@ from torch import nn
 
 from .cett import activation_limits
 from .ffn import FFNSite, edit_activations, find_ffn_sites
+from .moe import routed_top_k
 
-__all__ = ["SparsityRule", "CETTRule", "TopKRule", "FATRule", "ReLURule", "DenseRule", "apply_rule"]
+__all__ = ["CETTRule", "DenseRule", "FATRule", "ReLURule", "RoutedExpertsRule", "SparsityRule", "TopKRule",
+           "apply_rule"]
 
 # Scores below this are zeros (ReLU): never activated by Top-k. The official code's cut on |gate|.
 ZERO_SCORE = 1e-18
 
 
 class SparsityRule:
-    """Base class. ``need_gate``: the rule scores neurons by ``act(W_gate x)``."""
+    """Base class. ``need_gate``: the rule scores neurons by ``act(W_gate x)``; ``routed_experts``:
+    MoE routers send each token to this many experts while the rule applies (None: unchanged)."""
 
     name = "rule"
     need_gate = False
+    routed_experts: int | None = None
 
     def keep(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None,
              col_norms: torch.Tensor) -> torch.Tensor:  # [..., d_ff] bool
@@ -161,6 +168,26 @@ class DenseRule(SparsityRule):
         return torch.ones_like(a, dtype=torch.bool)
 
 
+@dataclass
+class RoutedExpertsRule(SparsityRule):
+    """MoE models: route every token to ``k`` experts and keep all their neurons (Fig. 2's curve of
+    the number of activated experts). Dense FFN layers of the model keep every neuron."""
+
+    k: int
+    name: str = field(default="experts", init=False)
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"the number of routed experts must be an integer >= 1, got {self.k!r}")
+        self.routed_experts = self.k
+
+    def keep(self, site, a, gate, col_norms):
+        return torch.ones_like(a, dtype=torch.bool)
+
+    def describe(self):
+        return {"rule": self.name, "k": self.k}
+
+
 Recorder = Callable[[FFNSite, torch.Tensor], None]
 
 
@@ -175,7 +202,7 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
     removed on exit, also after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
-    norms = {s.index: s.column_norms().to(s.module.weight.device) for s in sites}
+    norms = {s.index: s.column_norms() for s in sites}  # on the device of W_down
 
     def edit(site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if check_finite and not torch.isfinite(a).all():
@@ -184,9 +211,13 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
                 "input; check the dtype (try float32) and the input ids"
             )
         keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
+        if site.moe is not None:  # only neurons of the experts that ran (and shared ones) are activated
+            keep = keep & site.moe.ran_mask().to(keep.device)
         if record is not None:
             record(site, keep)
         return a * keep
 
-    with edit_activations(model, edit, sites=sites, need_gate=rule.need_gate):
+    routing = (routed_top_k(model, rule.routed_experts, sites=sites) if rule.routed_experts is not None
+               else contextlib.nullcontext())
+    with routing, edit_activations(model, edit, sites=sites, need_gate=rule.need_gate):
         yield sites

@@ -66,6 +66,8 @@ class EvaluationTable:
             n = len(e.stats)
             out.append({"c": float(e.c), "ppl_sparse": sum(s.ppl for s in e.stats) / n, "ppl_ratio": float(e.ratio),
                         "activation_ratio": sum(s.activation_ratio for s in e.stats) / n})
+            if all(s.activation_ratio_ran is not None for s in e.stats):  # MoE models
+                out[-1]["activation_ratio_ran"] = sum(s.activation_ratio_ran for s in e.stats) / n
         return out
 
     def evaluate(self, c: float) -> Evaluation:
@@ -206,7 +208,9 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
             ppl_sparse=s.ppl, ppl_ratio=s.ppl / probe.dense.ppl, thresholds=eps.tolist(),
             layer_activation_ratio=s.layer_active.tolist(), layer_cett=cett.tolist(),
             token_activation_ratio=s.token_active.tolist() if s.token_active is not None else [],
-            converged=ok, message=msg, sparse_passes=passes, seconds=elapsed))
+            converged=ok, message=msg, sparse_passes=passes, seconds=elapsed,
+            activation_ratio_ran=s.activation_ratio_ran,
+            layer_activation_ratio_ran=s.layer_active_ran.tolist() if s.layer_active_ran is not None else None))
     if single:
         return results[0]
     return CheckpointResult(p=float(p), cett=float(chosen.c), mean_ppl_ratio=chosen.ratio, checkpoints=results,

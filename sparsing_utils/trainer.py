@@ -64,14 +64,27 @@ class NextTokenLoss(nn.Module):
         super().__init__()
         self.model = model
         self.head_loss = _head_loss
+        # MoE models in training mode add router_aux_loss_coef x the load-balancing loss (Switch Transformer)
+        self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) \
+            if getattr(model.config, "num_experts_per_tok", None) else 0.0
         if compile:
             for layer in model.model.layers:
                 layer.compile()
             self.head_loss = torch.compile(_head_loss)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch, seq_len + 1]
-        hidden = self.model.model(input_ids=tokens[:, :-1], use_cache=False).last_hidden_state  # [b, T, d]
-        return self.head_loss(hidden, self.model.lm_head.weight, tokens[:, 1:])
+        aux = self.aux_coef > 0 and self.model.training
+        out = self.model.model(input_ids=tokens[:, :-1], use_cache=False, **({"output_router_logits": True} if aux else {}))
+        loss = self.head_loss(out.last_hidden_state, self.model.lm_head.weight, tokens[:, 1:])  # hidden [b, T, d]
+        if aux:
+            from transformers.models.mixtral.modeling_mixtral import (
+                load_balancing_loss_func,
+            )
+
+            c = self.model.config
+            n = getattr(c, "num_local_experts", None) or c.num_experts
+            loss = loss + self.aux_coef * load_balancing_loss_func(out.router_logits, n, c.num_experts_per_tok)
+        return loss
 
 
 

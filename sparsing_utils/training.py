@@ -2,7 +2,10 @@
 
 One config dataclass, :class:`TrainConfig`, saved with every run and checked before any work.
 The model is a Llama-style decoder built by transformers (``LlamaForCausalLM``, SDPA attention,
-gated FFN with ``hidden_act`` relu or silu, any width, depth and ``d_ff``). :func:`make_plan`
+gated FFN with ``hidden_act`` relu or silu, any width, depth and ``d_ff``), or, with
+``num_experts >= 2``, a Mixture-of-Experts decoder of the same shape whose FFN is ``num_experts``
+gated experts of width ``d_ff``, each token routed to ``experts_top_k`` of them (:data:`MOE_STYLES`:
+Mixtral or Qwen3-MoE; the paper's Fig. 2 compares such models with the dense one). :func:`make_plan`
 derives what a config means on a corpus and a number of processes (:class:`RunPlan`): sizes,
 steps, the warmup-stable-decay schedule and the checkpoint positions, log-spaced in tokens. How
 a run is trained (the loop, DDP, compile, logs, exact resume) is :mod:`sparsing_utils.trainer`.
@@ -12,10 +15,13 @@ Accounting (stated once, used everywhere):
 * **non-embedding parameters** ``N``: every parameter except the token embedding and the LM head
   (attention and FFN matrices, and the RMSNorm weights):
   ``N = L (2 d^2 + 2 d n_kv h + 3 d d_ff + 2 d) + d`` (``h`` head dim, ``n_kv`` key/value heads).
+  MoE: ``3 d d_ff`` becomes ``E (3 d d_ff) + d E`` (all experts and the router; Qwen3-MoE adds
+  its query/key norms, ``2 h`` per layer).
 * **FLOPs per token** (training, forward + backward; the PaLM paper's appendix B):
   ``6 N_matmul + 12 L d T``, with ``N_matmul`` the weights of every matrix product: attention
   and FFN matrices *and the LM head* (``d V``), not the norms or the embedding lookup; ``12 L d T``
   is the attention scores and values (``T`` the sequence length, causal masking not discounted).
+  MoE: only the ``k`` experts a token is routed to, plus the router (``k 3 d d_ff + d E``).
 * **MFU** = FLOPs per token x tokens/s / (peak x devices). Default peak: 989.4e12 FLOP/s, the
   dense bf16 tensor rate of one H200 SXM from NVIDIA's datasheet (1,979 TFLOPS is quoted with 2:4
   sparsity; dense is half).
@@ -41,6 +47,7 @@ __all__ = [
     "ACTIVATIONS",
     "DECAY_SHAPES",
     "H200_BF16_DENSE_FLOPS",
+    "MOE_STYLES",
     "RunPlan",
     "TrainConfig",
     "build_model",
@@ -60,6 +67,16 @@ DECAY_SHAPES: dict[str, Callable[[float], float]] = {  # progress x in (0, 1] ->
     "linear": lambda x: 1.0 - x,
     "cosine": lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
     "1-sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+
+# MoE style -> (transformers config class, model class, config names of (experts, top-k, expert width)).
+# Mixtral: softmax over the experts, top-k weights renormalised; Qwen3-MoE: the same routing
+# (norm_topk_prob) with query/key RMSNorm in attention.
+MOE_STYLES: dict[str, tuple[str, str, tuple[str, str, str], dict]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", ("num_local_experts", "num_experts_per_tok", "intermediate_size"),
+                {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                  {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}),
 }
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # autocast dtype; "auto": bf16 on CUDA, fp32 on CPU
@@ -87,8 +104,10 @@ class TrainConfig:
     vocab_multiple: int = 64
     init_std: float = 0.02
     rms_norm_eps: float = 1e-6
-    num_experts: int = 1                # issue 10 (MoE): only the dense model (1) exists yet
-    experts_top_k: int = 1
+    num_experts: int = 0                # 0: dense FFN; >= 2: MoE of that many experts of width d_ff
+    experts_top_k: int = 0              # experts per token (MoE: 1..num_experts; dense: 0)
+    moe_style: str = "mixtral"          # MoE only: mixtral | qwen3_moe (MOE_STYLES)
+    router_aux_loss_coef: float = 0.01  # MoE only: x the load-balancing loss (Switch Transformer), 0: off
     # -- data ----------------------------------------------------------------------------------
     corpus: str = "corpus"              # folder written by scripts/build_corpus.py
     domain_weights: dict | None = None  # domain -> weight; None: proportional to training tokens
@@ -155,6 +174,11 @@ class TrainConfig:
 
     # -- derived shapes ------------------------------------------------------------------------
     @property
+    def is_moe(self) -> bool:
+        """An MoE model (``num_experts >= 2``). Dense: ``0/0``, or ``1/1`` as configs before issue 10 wrote it."""
+        return self.num_experts >= 2
+
+    @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
@@ -171,13 +195,11 @@ class TrainConfig:
         return max(m, round(ratio * self.hidden_size / m) * m)
 
     def validate(self, world_size: int = 1) -> None:
-        """Raise ``ValueError`` listing every problem (``NotImplementedError`` for MoE, issue 10)."""
-        if self.num_experts != 1 or self.experts_top_k != 1:
-            if not (isinstance(self.num_experts, int) and self.num_experts >= 1):
-                raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-            raise NotImplementedError(
-                f"mixture-of-experts models (num_experts={self.num_experts}, experts_top_k={self.experts_top_k}) "
-                "are not implemented yet (issue 10); use num_experts=1, experts_top_k=1 (dense)")
+        """Raise ``ValueError`` listing every problem."""
+        for name in ("num_experts", "experts_top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         errors: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
@@ -253,6 +275,14 @@ class TrainConfig:
              f"first_checkpoint_fraction must be in (0, 1), got {self.first_checkpoint_fraction}")
         need(self.dtype == "auto" or self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: use auto, float32 or bfloat16")
         need(self.peak_flops > 0, "peak_flops must be > 0")
+        if self.is_moe:
+            need(1 <= self.experts_top_k <= self.num_experts, f"experts_top_k must be in 1..num_experts="
+                 f"{self.num_experts} for an MoE model, got {self.experts_top_k}")
+            need(self.moe_style in MOE_STYLES, f"unknown moe_style {self.moe_style!r}: use one of {sorted(MOE_STYLES)}")
+            need(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        else:
+            need(self.experts_top_k == self.num_experts, f"num_experts={self.num_experts} is a dense model: experts_top_k "
+                 f"must be {self.num_experts}, got {self.experts_top_k} (an MoE model needs num_experts >= 2)")
         need(self.domain_weights is None or isinstance(self.domain_weights, Mapping),
              "domain_weights must be an object {domain: weight} or null")
         if errors:
@@ -263,6 +293,9 @@ def non_embedding_params(cfg: TrainConfig) -> int:
     """Parameters other than the token embedding and the LM head (module docstring)."""
     d, L = cfg.hidden_size, cfg.num_layers
     kv = cfg.kv_heads * cfg.head_dim
+    if cfg.is_moe:
+        qk_norms = 2 * cfg.head_dim if cfg.moe_style == "qwen3_moe" else 0
+        return L * (2 * d * d + 2 * d * kv + cfg.num_experts * (3 * d * cfg.ffn_dim + d) + 2 * d + qk_norms) + d
     return L * (2 * d * d + 2 * d * kv + 3 * d * cfg.ffn_dim + 2 * d) + d
 
 
@@ -270,7 +303,8 @@ def matmul_params(cfg: TrainConfig, vocab_size: int) -> int:
     """Weights that enter a matrix product per token: attention, FFN and the LM head (no norms)."""
     d, L = cfg.hidden_size, cfg.num_layers
     kv = cfg.kv_heads * cfg.head_dim
-    return L * (2 * d * d + 2 * d * kv + 3 * d * cfg.ffn_dim) + d * vocab_size
+    ffn = cfg.experts_top_k * 3 * d * cfg.ffn_dim + d * cfg.num_experts if cfg.is_moe else 3 * d * cfg.ffn_dim
+    return L * (2 * d * d + 2 * d * kv + ffn) + d * vocab_size
 
 
 def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
@@ -380,18 +414,29 @@ def make_plan(cfg: TrainConfig, corpus_vocab_size: int, world_size: int = 1) -> 
 
 
 def build_model(cfg: TrainConfig, plan: RunPlan, *, eos_id: int | None = None):
-    """A freshly initialised ``LlamaForCausalLM`` (seeded by ``cfg.seed``; float32; SDPA)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A freshly initialised ``LlamaForCausalLM``, or for an MoE config the :data:`MOE_STYLES` model
+    (seeded by ``cfg.seed``; float32; SDPA). MoE experts run transformers' grouped_mm kernel on CUDA
+    and its eager loop on the CPU (whose grouped_mm needs 16-byte aligned widths)."""
+    import transformers
 
-    hf = LlamaConfig(
-        vocab_size=plan.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=plan.d_ff,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=plan.kv_heads,
-        hidden_act=ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.seq_len,
-        initializer_range=cfg.init_std, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        use_cache=False, bos_token_id=None, eos_token_id=eos_id, pad_token_id=None, attn_implementation="sdpa",
-    )
+    common = {
+        "vocab_size": plan.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": plan.d_ff,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": plan.kv_heads, "hidden_act": ACTIVATIONS[cfg.activation],
+        "max_position_embeddings": cfg.seq_len, "initializer_range": cfg.init_std, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": False, "bos_token_id": None, "eos_token_id": eos_id,
+        "pad_token_id": None, "attn_implementation": "sdpa",
+    }
+    if cfg.is_moe:
+        config_cls, model_cls, (n_name, k_name, width_name), extra = MOE_STYLES[cfg.moe_style]
+        hf = getattr(transformers, config_cls)(**{
+            **common, **extra, n_name: cfg.num_experts, k_name: cfg.experts_top_k, width_name: plan.d_ff,
+            "head_dim": plan.head_dim, "router_aux_loss_coef": cfg.router_aux_loss_coef})
+        hf._experts_implementation = "grouped_mm" if torch.cuda.is_available() else "eager"
+        torch.manual_seed(cfg.seed)
+        return getattr(transformers, model_cls)(hf)
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(hf)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,12 +97,95 @@ def test_config_json_round_trip_and_unknown_fields(tmp_path):
         TrainConfig.from_dict({"hiden_size": 64})
 
 
-def test_mixture_of_experts_is_refused_until_issue_10(tmp_path):
-    with pytest.raises(NotImplementedError, match=r"not implemented yet \(issue 10\)"):
-        tiny_config(tmp_path, num_experts=16, experts_top_k=2).validate()
-    assert cli.main(["train", "--config", str(_write(tmp_path / "moe.json", tiny_config(tmp_path, num_experts=4))),
+MOE_BAD = [
+    ({"num_experts": 4, "experts_top_k": 5}, "experts_top_k must be in 1..num_experts=4"),
+    ({"num_experts": 4, "experts_top_k": 0}, "experts_top_k must be in 1..num_experts=4"),
+    ({"num_experts": 0, "experts_top_k": 2}, "num_experts=0 is a dense model: experts_top_k must be 0"),
+    ({"num_experts": 1, "experts_top_k": 2}, "an MoE model needs num_experts >= 2"),
+    ({"num_experts": 4, "experts_top_k": 2, "moe_style": "switch"}, "unknown moe_style 'switch'"),
+    ({"num_experts": 4, "experts_top_k": 2, "router_aux_loss_coef": -1}, "router_aux_loss_coef must be >= 0"),
+    ({"num_experts": -3}, "num_experts must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("change,message", MOE_BAD, ids=[m for _, m in MOE_BAD])
+def test_mixture_of_experts_config_errors(change, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **change).validate()
+    assert cli.main(["train", "--config", str(_write(tmp_path / "moe.json", tiny_config(tmp_path, **change))),
                      "--out", str(tmp_path / "moe-run")]) == 2
     assert not (tmp_path / "moe-run").exists()
+
+
+def test_dense_configs_old_and_new_and_the_shipped_runs_load(tmp_path):
+    """0/0 (the default) and 1/1 (what configs before issue 10 wrote) are the dense Llama; every
+    run JSON in data/runs still loads, as a dense model."""
+    from transformers import LlamaForCausalLM
+
+    for n in (0, 1):
+        cfg = tiny_config(tmp_path, num_experts=n, experts_top_k=n)
+        cfg.validate()
+        assert not cfg.is_moe and type(build_model(cfg, make_plan(cfg, VOCAB))) is LlamaForCausalLM
+    runs = sorted((ROOT / "data" / "runs").rglob("*.json"))
+    configs = [json.loads(p.read_text()).get("config") for p in runs]
+    assert len([c for c in configs if c]) >= 10
+    for c in filter(None, configs):
+        assert not TrainConfig.from_dict(c).is_moe
+
+
+@pytest.mark.parametrize("style", ["mixtral", "qwen3_moe"])
+def test_moe_model_parameters_and_flops_match_the_config(style, tmp_path):
+    """num_experts=5 of width 19, top-2: the model's class and sizes, its non-embedding parameters
+    (all experts + router) and its training FLOPs per token (the 2 experts that ran + router),
+    counted by torch's FLOP counter on the eager expert loop."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sparsing_utils.trainer import NextTokenLoss
+
+    cfg = tiny_config(tmp_path, num_experts=5, experts_top_k=2, d_ff=19, moe_style=style, router_aux_loss_coef=0.0)
+    plan = make_plan(cfg, VOCAB)
+    model = build_model(cfg, plan)
+    assert type(model).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[style]
+    sites = [s for s in __import__("sparsing_utils").find_ffn_sites(model) if s.moe is not None]
+    assert len(sites) == 2 and {(s.moe.num_experts, s.moe.d_expert, s.moe.top_k) for s in sites} == {(5, 19, 2)}
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    assert body == non_embedding_params(cfg) == plan.non_embedding_params
+    tokens = torch.randint(0, VOCAB, (2, 17))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        NextTokenLoss(model)(tokens).backward()
+    assert counter.get_total_flops() / tokens[:, 1:].numel() == pytest.approx(flops_per_token(cfg, plan.vocab_size))
+
+
+def test_tiny_moe_trains_and_is_measured(corpus, tmp_path):
+    """A Mixtral-style run (4 experts, top-2, the load-balancing loss on) learns, writes HF checkpoints,
+    and its last checkpoint is measured: PPL-p% with both activation ratios, and the routed-experts
+    curve of Fig. 2."""
+    from transformers import AutoModelForCausalLM
+
+    import sparsing_utils as su
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(corpus, num_experts=4, experts_top_k=2, d_ff=13, activation="silu", total_tokens=16 * 8 * 24)
+    run = train(cfg, tmp_path / "moe", device="cpu", progress=False)
+    losses = [x for _, x in _losses(run)]
+    assert len(losses) == 24 and losses[-1] < losses[0] - 0.5
+    last = list_checkpoints(run)[-1]
+    model = AutoModelForCausalLM.from_pretrained(last.path).eval()
+    assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
+    ids = torch.as_tensor(recurrence(16 * 33, 9, 7)).view(16, 33)
+    probe = su.SparsityProbe(model, _blocks(ids))
+    result = su.search_ppl_p(probe, 5, tol=5e-3)
+    assert 0 < result.activation_ratio < result.activation_ratio_ran <= 1
+    assert len(result.layer_activation_ratio_ran) == 2
+    curve = su.pareto_sweep(probe, "experts", [1, 2, 3, 4])
+    assert curve["activation_ratio"].tolist() == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=1e-6)
+
+
+def _blocks(ids):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 # -- schedule and checkpoint positions -------------------------------------------------------------

@@ -1,0 +1,426 @@
+"""Mixture-of-Experts FFNs as one virtual FFN per layer (Luo et al. 2024, Sec. 3.1 and Fig. 2).
+
+Every expert's neurons are FFN neurons. For a token routed to expert ``e`` with routing weight
+``w_e`` the MoE output is ``y = sum_e w_e W_down_e a_e (+ g W_down_s a_s)``, with ``a_e`` the input
+of expert ``e``'s output projection and, for a shared expert, ``a_s`` and its gate ``g`` (Qwen2-MoE's
+``sigmoid(shared_expert_gate x)``; 1 for DeepSeek's shared experts). Neuron ``i`` of expert ``e``
+adds ``n_i = w_e a_i W_down_e[:, i]`` (PAPER.md Sec. 1 with the routing weight folded in), so one
+layer presents the *virtual activation vector*
+
+    v = [w_1 a_1, ..., w_E a_E, g a_s]   [batch, seq, E * d_expert + d_shared]
+
+(zeros for the experts that did not run on the token) and the concatenated output projection
+``[W_down_1 ... W_down_E W_down_s]``. ``y = W_cat v`` exactly, so CETT (Eq. 2), the per-layer
+thresholds of one CETT target and every rule of :mod:`sparsing_utils.rules` apply unchanged; the
+CETT of a token is over the experts that ran for it. Activation ratios are counted both over all
+expert neurons of the layer (``d_ff`` = the width of ``v``) and over the neurons of the experts that
+ran (:meth:`MoELayer.ran_neurons`).
+
+Where the library's own expert code hides ``a`` (fused 3-D weights run by grouped_mm/batched_mm
+kernels), the MoE block's ``forward`` is replaced, only inside the context managers of
+:mod:`sparsing_utils.ffn`, by :meth:`MoELayer.forward`: the model's own router, then the experts
+computed as transformers' eager loop computes them (bitwise the same output as the eager path
+when no neuron is edited; within float rounding of the grouped kernels). The two expert layouts
+differ only in the rows of :data:`EXPERT_KINDS`.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EXPERT_KINDS", "MoELayer", "find_moe", "moe_layers", "routed_top_k"]
+
+# Where a decoder layer keeps its MoE block, and where the block keeps its parts.
+MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+ROUTER_NAMES = ("gate", "router")
+SHARED_NAMES = ("shared_expert", "shared_experts")
+SHARED_GATE_NAMES = ("shared_expert_gate",)
+# A gated expert MLP: (gate, up, down) names; its activation module under one of MLP_ACT_NAMES.
+MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MLP_ACT_NAMES = ("act_fn", "act")
+
+
+def _gated_mlp(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module] | None:
+    """``(gate, up, down, act)`` of a gated MLP ``down(act(gate x) * up x)``, or None."""
+    act = next((getattr(mlp, n) for n in MLP_ACT_NAMES if isinstance(getattr(mlp, n, None), nn.Module)), None)
+    for names in MLP_NAMES:
+        parts = [getattr(mlp, n, None) for n in names]
+        if act is not None and all(isinstance(p, nn.Linear) for p in parts):
+            return (*parts, act)
+    return None
+
+
+# -- the two expert layouts ----------------------------------------------------------------------
+
+class _Fused:
+    """transformers >= 5 ``@use_experts_implementation`` classes: ``gate_up_proj [E, 2 d_e, d]``
+    (gate rows first), ``down_proj [E, d, d_e]``, ``act_fn`` (and ``_apply_gate``); run by an eager
+    loop or by grouped_mm / batched_mm kernels."""
+
+    name = "fused 3-D expert weights"
+    router_sees_batch = False  # transformers' blocks route the flattened tokens [tokens, d]
+
+    @staticmethod
+    def matches(experts: nn.Module) -> bool:
+        return isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+
+    @staticmethod
+    def problem(experts: nn.Module) -> str | None:
+        gu, down = getattr(experts, "gate_up_proj", None), experts.down_proj
+        if not isinstance(gu, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
+            return "expected gate_up_proj [E, 2*d_expert, d] and down_proj [E, d, d_expert] (3-D)"
+        flags = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
+                 "has_post_expert_norm": False}
+        odd = [f"{k}={getattr(experts, k)}" for k, want in flags.items() if getattr(experts, k, want) != want]
+        if odd:
+            return "unsupported fused-expert layout " + ", ".join(odd)
+        if gu.shape[1] != 2 * down.shape[2] or gu.shape[0] != down.shape[0]:
+            return f"gate_up_proj {tuple(gu.shape)} does not match down_proj {tuple(down.shape)}"
+        if not hasattr(experts, "act_fn"):
+            return "no act_fn"
+        return None
+
+    @staticmethod
+    def sizes(experts: nn.Module) -> tuple[int, int, int]:  # (E, d_expert, d_model)
+        e, d, de = experts.down_proj.shape
+        return e, de, d
+
+    @staticmethod
+    def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, act(W_gate x))`` of expert ``e`` on its tokens ``x [n, d]``: ``[n, d_e]`` each."""
+        gate_up = F.linear(x, experts.gate_up_proj[e])  # [n, 2 d_e]
+        gate = gate_up.chunk(2, dim=-1)[0]
+        apply = getattr(experts, "_apply_gate", None)
+        a = apply(gate_up) if apply is not None else experts.act_fn(gate) * gate_up.chunk(2, dim=-1)[1]
+        return a, experts.act_fn(gate)
+
+    @staticmethod
+    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:  # [n, d_e] -> [n, d]
+        return F.linear(a, experts.down_proj[e])
+
+    @staticmethod
+    def down_t(experts: nn.Module) -> torch.Tensor:  # [E * d_e, d]
+        e, d, de = experts.down_proj.shape
+        return experts.down_proj.transpose(1, 2).reshape(e * de, d)
+
+
+class _ModuleList:
+    """An ``nn.ModuleList`` of gated expert MLPs (``gate_proj/up_proj/down_proj`` or ``w1/w3/w2``
+    and ``act_fn``): DeepSeek-V2/V3's remote code (``modeling_deepseek.py``), transformers 4.x."""
+
+    name = "module list of expert MLPs"
+    router_sees_batch = True  # DeepSeek's remote MoEGate unpacks [batch, seq, d]
+
+    @staticmethod
+    def matches(experts: nn.Module) -> bool:
+        return isinstance(experts, nn.ModuleList)
+
+    @staticmethod
+    def problem(experts: nn.Module) -> str | None:
+        if len(experts) == 0:
+            return "empty expert list"
+        bad = [i for i, mlp in enumerate(experts) if _gated_mlp(mlp) is None]
+        if bad:
+            return (f"expert {bad[0]} is not a gated MLP: searched (gate, up, down) = "
+                    + " or ".join("/".join(n) for n in MLP_NAMES) + " with " + " or ".join(MLP_ACT_NAMES))
+        if len({_gated_mlp(m)[2].weight.shape for m in experts}) != 1:
+            return "experts of different widths"
+        return None
+
+    @staticmethod
+    def sizes(experts: nn.Module) -> tuple[int, int, int]:
+        d, de = _gated_mlp(experts[0])[2].weight.shape
+        return len(experts), de, d
+
+    @staticmethod
+    def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, _, act = _gated_mlp(experts[e])
+        g = act(gate(x))
+        return g * up(x), g
+
+    @staticmethod
+    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
+        return _gated_mlp(experts[e])[2](a)
+
+    @staticmethod
+    def down_t(experts: nn.Module) -> torch.Tensor:
+        return torch.cat([_gated_mlp(m)[2].weight.t() for m in experts])
+
+
+EXPERT_KINDS = (_Fused, _ModuleList)
+
+
+# -- one layer's MoE ------------------------------------------------------------------------------
+
+def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [tokens, k], index [tokens, k])`` from a router's output: transformers >= 5 routers
+    return ``(logits, weights, index)``, DeepSeek's remote ``MoEGate`` ``(index, weights[, aux])``.
+    Routers called on ``[batch, seq, d]`` (the remote ``MoEGate``) may answer ``[batch, seq, k]``."""
+    parts = out if isinstance(out, tuple) else (out,)
+    index = next((t for t in parts if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()), None)
+    weights = None if index is None else next(
+        (t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == index.shape), None)
+    if weights is None:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
+        raise ValueError(f"the router {router_name} returned {shapes}: expected the chosen experts' indices and "
+                         "routing weights, both [tokens, k] (transformers >= 5 routers, DeepSeek's MoEGate); a router "
+                         "that returns only logits (transformers 4.x) cannot be read")
+    return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])  # [tokens, k]
+
+
+# Visitors of one forward: edit(v, gate) -> v' or None, before the output; read(v, y) after it.
+EditVisitor = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+ReadVisitor = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(eq=False)
+class _Visits:
+    """What runs a block while it is visited, shared by every MoELayer describing it (each
+    find_ffn_sites call makes new ones): the visitors, the block's own forward, the last routing."""
+
+    edits: list = field(default_factory=list)  # (edit, need_gate)
+    reads: list = field(default_factory=list)
+    saved_forward: object = None
+    ran: torch.Tensor | None = None  # [batch, seq, E] bool: the experts that ran on each token, last forward
+
+
+_VISITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _Visits, while visited
+_ROUTED_K: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> k, inside routed_top_k
+
+
+@dataclass(eq=False)
+class MoELayer:
+    """One decoder layer's MoE block seen as a virtual FFN of ``d_ff = E * d_expert + d_shared`` neurons."""
+
+    name: str  # qualified name of the block
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    kind: type
+    shared: tuple | None  # (gate, up, down, act) of the shared expert(s), or None
+    shared_gate: nn.Module | None  # Qwen2-MoE: sigmoid(shared_expert_gate x) scales the shared expert
+    num_experts: int
+    d_expert: int
+    d_shared: int
+    d_model: int
+
+    @property
+    def ran(self) -> torch.Tensor | None:
+        """``[batch, seq, E]`` bool: the experts that ran on each token in the last visited forward."""
+        visits = _VISITS.get(self.block)
+        return None if visits is None else visits.ran
+
+    @property
+    def d_ff(self) -> int:
+        return self.num_experts * self.d_expert + self.d_shared
+
+    def weight_t(self) -> torch.Tensor:
+        """The concatenated output projections transposed, ``[d_ff, d_model]``: ``y = v @ weight_t()``."""
+        parts = [self.kind.down_t(self.experts)]
+        if self.shared is not None:
+            parts.append(self.shared[2].weight.t().to(parts[0]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def ran_neurons(self) -> torch.Tensor:
+        """Neurons of the experts that ran on each token of the last forward (+ shared): ``[batch, seq]``."""
+        return self.ran.sum(dim=-1, dtype=torch.float32) * self.d_expert + self.d_shared
+
+    def ran_mask(self) -> torch.Tensor:
+        """``[batch, seq, d_ff]`` bool: the neuron belongs to an expert that ran on the token (or is shared)."""
+        mask = self.ran.repeat_interleave(self.d_expert, dim=-1)
+        if self.d_shared:
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], self.d_shared)], dim=-1)
+        return mask
+
+    @property
+    def top_k(self) -> int:
+        return int(self.router.top_k)
+
+    # -- the replacement forward --------------------------------------------------------------
+    @contextlib.contextmanager
+    def visiting(self, *, edit: EditVisitor | None = None, read: ReadVisitor | None = None,
+                 need_gate: bool = False) -> Iterator[None]:
+        """Route the block's forward through :meth:`forward` with these visitors (nestable; ``need_gate``:
+        ``edit`` also gets the gate scores ``act(W_gate x)``, zeros for experts that did not run); the
+        block's own forward is restored on exit, also after an exception."""
+        visits = _VISITS.get(self.block)
+        first = visits is None
+        if first:
+            visits = _VISITS[self.block] = _Visits(saved_forward=self.block.__dict__.get("forward"))
+            self.block.forward = self.forward
+        entry = (edit, need_gate)
+        if edit is not None:
+            visits.edits.append(entry)
+        if read is not None:
+            visits.reads.append(read)
+        try:
+            yield
+        finally:
+            if edit is not None:
+                visits.edits.remove(entry)
+            if read is not None:
+                visits.reads.remove(read)
+            if first:
+                del _VISITS[self.block]
+                if visits.saved_forward is None:
+                    del self.block.forward
+                else:
+                    self.block.forward = visits.saved_forward
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors.
+
+        Edits reach the experts that ran; an edit of a neuron of an expert that did not run on the
+        token is ignored (that expert is not computed)."""
+        if self.block.training and any(getattr(self.block, n, 0) for n in ("jitter_noise", "input_jitter_noise")):
+            raise ValueError(f"{self.name} is in training mode with router jitter: call model.eval() first")
+        lead = hidden_states.shape[:-1]
+        h = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
+        routed = self.router(hidden_states if self.kind.router_sees_batch else h)  # as the block's own forward
+        weights, index = _route(routed, self.name)  # [T, k], the model's own routing
+        want = _ROUTED_K.get(self.block)
+        if want is not None and index.shape[-1] != want:
+            raise ValueError(f"the router of {self.name} ({type(self.router).__name__}) chose {index.shape[-1]} experts "
+                             f"per token with top_k set to {want}: its routing does not follow top_k, so the number "
+                             "of routed experts cannot be changed on this model")
+        n, e_all, de = h.shape[0], self.num_experts, self.d_expert
+        visits = _VISITS[self.block]
+        need_gate = any(wants for _, wants in visits.edits)
+        v = h.new_zeros(n, self.d_ff)  # [T, d_ff] routing weights folded in
+        gate_v = h.new_zeros(n, self.d_ff) if need_gate else None
+        # The eager loop of transformers' experts: the tokens of each expert that was hit.
+        with torch.no_grad():
+            expert_mask = F.one_hot(index, num_classes=e_all + 1).permute(2, 1, 0)  # [E+1, k, T]
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        runs = []
+        for e in hit[:, 0].tolist():
+            if e == e_all:
+                continue
+            pos, tok = torch.where(expert_mask[e])
+            a, g = self.kind.activations(self.experts, e, h[tok])  # [n_e, d_e]
+            w = weights[tok, pos, None]  # [n_e, 1]
+            v[tok, e * de:(e + 1) * de] = (a * w).to(v.dtype)
+            if gate_v is not None:
+                gate_v[tok, e * de:(e + 1) * de] = g.to(v.dtype)
+            runs.append((e, tok, w, a))
+        visits.ran = expert_mask[:e_all].sum(dim=1).bool().t().reshape(*lead, e_all)  # [batch, seq, E]
+        if self.shared is not None:
+            s_gate, s_up, s_down, s_act = self.shared
+            g = s_act(s_gate(h))
+            a_s = g * s_up(h)  # [T, d_s]
+            sg = F.sigmoid(self.shared_gate(h)) if self.shared_gate is not None else None  # [T, 1]
+            v[:, e_all * de:] = a_s * sg if sg is not None else a_s
+            if gate_v is not None:
+                gate_v[:, e_all * de:] = g
+        v_new = v
+        for edit, _ in visits.edits:
+            out = edit(v_new.view(*lead, self.d_ff), None if gate_v is None else gate_v.view(*lead, self.d_ff))
+            if out is not None:
+                v_new = out.reshape(n, self.d_ff)
+        y = torch.zeros_like(h)
+        for e, tok, w, a in runs:
+            sl = slice(e * de, (e + 1) * de)
+            if v_new is not v:  # entries left as they were keep their a bitwise; edited ones are v' / w
+                old, new = v[tok, sl], v_new[tok, sl]
+                a = torch.where(new == old, a, torch.where(w != 0, new / w, 0).to(a.dtype))
+            out_e = self.kind.down(self.experts, e, a) * w
+            y.index_add_(0, tok, out_e.to(y.dtype))
+        if self.shared is not None:
+            if v_new is not v:
+                old, new = v[:, e_all * de:], v_new[:, e_all * de:]
+                a_s = torch.where(new == old, a_s, (torch.where(sg != 0, new / sg, 0) if sg is not None else new)
+                                  .to(a_s.dtype))
+            shared_out = s_down(a_s)
+            y = y + (sg * shared_out if sg is not None else shared_out)
+        y = y.view(*lead, -1)
+        for read in visits.reads:
+            read(v_new.view(*lead, self.d_ff), y)
+        return y
+
+
+def _first_child(block: nn.Module, names: Sequence[str]) -> nn.Module | None:
+    return next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), nn.Module)), None)
+
+
+def find_moe(layer: nn.Module, prefix: str) -> MoELayer | None:
+    """The MoE block of one decoder layer, or None when the layer's FFN is dense.
+
+    A block is an MoE block when it holds ``experts``; everything else it needs must then be
+    there, or a ``ValueError`` names what was searched."""
+    for name in MOE_BLOCK_NAMES:
+        block = getattr(layer, name, None)
+        if isinstance(block, nn.Module) and isinstance(getattr(block, "experts", None), nn.Module):
+            break
+    else:
+        return None
+    qual = f"{prefix}.{name}"
+    where = f"the MoE block {qual} ({type(block).__name__})"
+    experts = block.experts
+    kind = next((k for k in EXPERT_KINDS if k.matches(experts)), None)
+    if kind is None:
+        raise ValueError(f"{where}: its experts ({type(experts).__name__}) are neither " + " nor ".join(
+            k.name for k in EXPERT_KINDS) + " (searched experts.down_proj as a 3-D tensor, and an nn.ModuleList)")
+    problem = kind.problem(experts)
+    if problem:
+        raise ValueError(f"{where}, {kind.name}: {problem}")
+    router = _first_child(block, ROUTER_NAMES)
+    if router is None:
+        raise ValueError(f"{where} has experts but no router: searched " + ", ".join(ROUTER_NAMES))
+    shared_mlp = _first_child(block, SHARED_NAMES)
+    shared = _gated_mlp(shared_mlp) if shared_mlp is not None else None
+    if shared_mlp is not None and shared is None:
+        raise ValueError(f"{where}: the shared expert {type(shared_mlp).__name__} is not a gated MLP (searched "
+                         + " or ".join("/".join(n) for n in MLP_NAMES) + " with " + " or ".join(MLP_ACT_NAMES) + ")")
+    e, de, d = kind.sizes(experts)
+    return MoELayer(qual, block, router, experts, kind, shared, _first_child(block, SHARED_GATE_NAMES),
+                    e, de, 0 if shared is None else shared[2].in_features, d)
+
+
+def moe_layers(sites: Sequence) -> list[MoELayer]:
+    """The MoE layers among FFN sites (empty for a dense model)."""
+    return [s.moe for s in sites if getattr(s, "moe", None) is not None]
+
+
+@contextlib.contextmanager
+def routed_top_k(model: nn.Module, k: int, *, sites: Sequence | None = None) -> Iterator[list[MoELayer]]:
+    """Route every token to ``k`` experts (the routers' ``top_k``; Fig. 2's number of activated experts),
+    restored on exit. Routing weights follow the router's own rule (e.g. renormalised over the k)."""
+    from .ffn import find_ffn_sites
+
+    layers = moe_layers(find_ffn_sites(model) if sites is None else sites)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer: the number of routed experts applies to MoE models")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"the number of routed experts must be an integer, got {k!r}")
+    for m in layers:
+        if not hasattr(m.router, "top_k"):
+            raise ValueError(f"the router of {m.name} ({type(m.router).__name__}) has no top_k attribute to set")
+        groups, chosen = getattr(m.router, "n_group", getattr(m.router, "num_group", None)), getattr(m.router, "topk_group", None)
+        most = m.num_experts if not (groups and chosen) else chosen * (m.num_experts // groups)
+        if not 1 <= k <= most:
+            raise ValueError(f"routed experts k={k} out of range for {m.name}: 1..{most}"
+                             + (f" (its router picks from {chosen} of {groups} expert groups)" if most < m.num_experts else ""))
+    saved = [(m, m.router.top_k, getattr(m.block, "top_k", None), getattr(m.block, "num_experts_per_tok", None))
+             for m in layers]
+    try:
+        for m in layers:
+            _ROUTED_K[m.block] = k  # checked by MoELayer.forward: routers that ignore top_k are refused
+            m.router.top_k = k
+            for attr in ("top_k", "num_experts_per_tok"):
+                if isinstance(getattr(m.block, attr, None), int):
+                    setattr(m.block, attr, k)
+        yield layers
+    finally:
+        for m, router_k, block_k, block_n in saved:
+            _ROUTED_K.pop(m.block, None)
+            m.router.top_k = router_k
+            if block_k is not None:
+                m.block.top_k = block_k
+            if block_n is not None:
+                m.block.num_experts_per_tok = block_n

@@ -1,0 +1,587 @@
+"""Mixture-of-Experts models (issue 10, section 1): every expert neuron is an FFN neuron.
+
+Tiny random models of each MoE family transformers ships (Mixtral, Qwen2-MoE with its gated
+shared expert, Qwen3-MoE, OLMoE, DeepSeek-V2 and DeepSeek-V3 with shared experts and dense
+first layers), odd sizes, plus the module-list layout of DeepSeek's remote code (hand-built
+here, as the official ``modeling_deepseek.py`` lays it out). Everything the package reports is
+re-derived in float64 from the weights: routing recomputed from the router weights with each
+family's rule written out below, per-expert ``a``, neuron outputs with routing weights
+``n_i = w_e a_i W_down_e[:, i]``, CETT per token, the masked MoE output, both activation ratios.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import Blocks
+from torch import nn
+
+import sparsing_utils as su
+from sparsing_utils.ffn import count_hooks, find_ffn_sites, read_activations
+from sparsing_utils.moe import find_moe, routed_top_k
+from sparsing_utils.pareto import pareto_sweep
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.results import PPLPResult, SparsityReport, sparse_inference
+from sparsing_utils.rules import CETTRule, DenseRule, RoutedExpertsRule, apply_rule
+
+VOCAB, D = 50, 24
+COMMON = {"vocab_size": VOCAB, "hidden_size": D, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 64, "initializer_range": 0.2,
+          "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+MLA = {"num_key_value_heads": 4, "kv_lora_rank": 8, "q_lora_rank": 12, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+       "v_head_dim": 6}
+# family -> (config class, model class, config arguments): E experts of width d_e, top-k, shared width
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {"intermediate_size": 13, "num_local_experts": 5, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {"moe_intermediate_size": 11, "shared_expert_intermediate_size": 17, "intermediate_size": 19,
+                   "num_experts": 7, "num_experts_per_tok": 3, "mlp_only_layers": [0], "norm_topk_prob": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"moe_intermediate_size": 11, "intermediate_size": 19, "num_experts": 7, "num_experts_per_tok": 3,
+                   "head_dim": 6, "norm_topk_prob": True}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              {"intermediate_size": 13, "num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    {"intermediate_size": 19, "moe_intermediate_size": 11, "n_routed_experts": 7,
+                     "num_experts_per_tok": 3, "n_shared_experts": 2, "first_k_dense_replace": 1,
+                     "routed_scaling_factor": 1.3, **MLA}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    {"intermediate_size": 19, "moe_intermediate_size": 11, "n_routed_experts": 8,
+                     "num_experts_per_tok": 3, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+                     "first_k_dense_replace": 1, "routed_scaling_factor": 1.7, **MLA}),
+}
+ALL_LAYOUTS = (*FAMILIES, "remote_deepseek")  # + the module-list layout
+
+
+def build(family: str, *, experts_implementation: str = "eager", seed: int = 0) -> nn.Module:
+    """A tiny random MoE model (float32, eval mode); ``"remote_deepseek"``: DeepSeek-V2's with each MoE
+    block replaced by the remote-code layout (module list of expert MLPs), same weights."""
+    import transformers as tf
+
+    if family == "remote_deepseek":
+        return to_remote_layout(build("deepseek_v2", seed=seed))
+    cfg_name, cls_name, extra = FAMILIES[family]
+    config = getattr(tf, cfg_name)(**{**COMMON, **extra})
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(seed)
+    model = getattr(tf, cls_name)(config).float().eval()
+    for layer in model.model.layers:  # DeepSeek-V3: a nonzero score-correction bias, so that it is exercised
+        bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return model
+
+
+# -- the remote-code module-list layout (DeepSeek-V2/V3 modeling_deepseek.py) -----------------
+
+class RemoteMLP(nn.Module):
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_in, width, bias=False)
+        self.up_proj = nn.Linear(d_in, width, bias=False)
+        self.down_proj = nn.Linear(width, d_in, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RemoteGate(nn.Module):
+    """MoEGate of modeling_deepseek.py (greedy softmax routing): returns ``(topk_idx, topk_weight, aux_loss)``."""
+
+    def __init__(self, weight, top_k, scale):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.top_k, self.routed_scaling_factor = top_k, scale
+
+    def forward(self, hidden_states):
+        h = hidden_states.shape[-1]
+        scores = F.linear(hidden_states.view(-1, h).float(), self.weight.float()).softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return topk_idx, topk_weight * self.routed_scaling_factor, None
+
+
+class RemoteMoE(nn.Module):
+    """DeepseekMoE of modeling_deepseek.py (inference path: tokens sorted by expert, ``moe_infer``)."""
+
+    def __init__(self, fused_block):
+        super().__init__()
+        ex = fused_block.experts
+        n, d, de = ex.down_proj.shape
+        self.experts = nn.ModuleList(RemoteMLP(d, de) for _ in range(n))
+        with torch.no_grad():
+            for e, mlp in enumerate(self.experts):
+                mlp.gate_proj.weight.copy_(ex.gate_up_proj[e, :de])
+                mlp.up_proj.weight.copy_(ex.gate_up_proj[e, de:])
+                mlp.down_proj.weight.copy_(ex.down_proj[e])
+        self.gate = RemoteGate(fused_block.gate.weight.detach(), fused_block.gate.top_k,
+                               fused_block.gate.routed_scaling_factor)
+        self.shared_experts = fused_block.shared_experts
+        self.num_experts_per_tok = fused_block.gate.top_k
+
+    def forward(self, hidden_states):
+        identity, orig_shape = hidden_states, hidden_states.shape
+        topk_idx, topk_weight, _ = self.gate(hidden_states)
+        x = hidden_states.view(-1, orig_shape[-1])
+        idxs = topk_idx.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_idx.shape[1]]
+        counts = torch.bincount(topk_idx.view(-1), minlength=len(self.experts)).tolist()
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                outs.append(self.experts[e](sorted_tokens[start:start + c]))
+            start += c
+        new_x = torch.empty_like(sorted_tokens)
+        new_x[idxs] = torch.cat(outs)
+        y = new_x.view(*topk_idx.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1)).sum(dim=1)
+        return y.type(new_x.dtype).view(*orig_shape) + self.shared_experts(identity)
+
+
+def to_remote_layout(model):
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp = RemoteMoE(layer.mlp)
+    return model
+
+
+# -- the brute force: routing, a, neuron outputs, in float64 ---------------------------------
+
+def _softmax_topk(logits, k, renorm):
+    p = logits.softmax(dim=-1)
+    w, idx = p.topk(k, dim=-1)
+    return (w / w.sum(dim=-1, keepdim=True) if renorm else w), idx
+
+
+@torch.no_grad()
+def route(family: str, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each family's routing rule, from the router weights: ``(weights [T, k], experts [T, k])``."""
+    r = block.gate
+    logits = x @ r.weight.double().T  # [T, E]
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        renorm = family == "mixtral" or r.norm_topk_prob
+        return _softmax_topk(logits, r.top_k, renorm)
+    if family in ("deepseek_v2", "remote_deepseek"):
+        w, idx = _softmax_topk(logits, r.top_k, False)
+        return w * r.routed_scaling_factor, idx
+    if family == "deepseek_v3":  # sigmoid scores, bias-corrected choice within the best groups
+        scores = logits.sigmoid()
+        choice = scores + r.e_score_correction_bias.double()
+        g = choice.view(len(x), r.num_group, -1)
+        best_groups = g.topk(2, dim=-1).values.sum(dim=-1).topk(r.topk_group, dim=-1).indices  # [T, topk_group]
+        allowed = torch.zeros_like(g[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(g.shape[-1], dim=1), -torch.inf)
+        idx = choice.topk(r.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * r.routed_scaling_factor, idx
+    raise KeyError(family)
+
+
+@torch.no_grad()
+def expert_weights(block: nn.Module):
+    """Per expert ``(W_gate [d_e, d], W_up [d_e, d], W_down [d, d_e])`` float64, either layout."""
+    ex = block.experts
+    if isinstance(ex, nn.ModuleList):
+        return [(m.gate_proj.weight.double(), m.up_proj.weight.double(), m.down_proj.weight.double()) for m in ex]
+    de = ex.down_proj.shape[2]
+    return [(ex.gate_up_proj[e, :de].double(), ex.gate_up_proj[e, de:].double(), ex.down_proj[e].double())
+            for e in range(ex.down_proj.shape[0])]
+
+
+def _silu(t):
+    return t / (1 + torch.exp(-t))
+
+
+@torch.no_grad()
+def brute_force(family: str, block: nn.Module, x: torch.Tensor):
+    """From the block input ``x [T, d]``: ``(v [T, D], W [d, D], ran [T, E] bool)`` in float64, where
+    ``v_i = w_e(token) a_i`` for the chosen experts (0 elsewhere), ``g a_i`` for the shared expert."""
+    x = x.double()
+    weights, idx = route(family, block, x)
+    experts = expert_weights(block)
+    cols, parts = [], []
+    ran = torch.zeros(len(x), len(experts), dtype=torch.bool).scatter_(1, idx, True)
+    w_full = torch.zeros(len(x), len(experts), dtype=torch.float64).scatter_(1, idx, weights)
+    for e, (wg, wu, wd) in enumerate(experts):
+        a = _silu(x @ wg.T) * (x @ wu.T)
+        parts.append(a * w_full[:, e:e + 1])  # zero where the expert did not run
+        cols.append(wd)
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if shared is not None:
+        a = _silu(x @ shared.gate_proj.weight.double().T) * (x @ shared.up_proj.weight.double().T)
+        sg = getattr(block, "shared_expert_gate", None)
+        parts.append(a * ((x @ sg.weight.double().T).sigmoid() if sg is not None else 1.0))
+        cols.append(shared.down_proj.weight.double())
+    return torch.cat(parts, dim=1), torch.cat(cols, dim=1), ran
+
+
+def moe_blocks(model):
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+
+
+def capture_inputs(model):
+    """The test's own pre-hooks on every MoE block: ``{layer: [T, d] input}`` of the last forward."""
+    store, handles = {}, []
+    for i, block in moe_blocks(model).items():
+        handles.append(block.register_forward_pre_hook(
+            lambda m, args, _i=i: store.__setitem__(_i, args[0].detach().reshape(-1, D))))
+    return store, handles
+
+
+def ids(batch=3, seq=13, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+# -- the sites -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL_LAYOUTS)
+def test_sites_and_virtual_activations_equal_brute_force(family):
+    """One site per MoE layer: d_ff = E d_e + d_shared; ``a`` = the float64 virtual vector from the
+    router weights; ``y`` = the block output = ``W_cat a``; column norms of the concatenated W_down."""
+    model = build(family)
+    sites = find_ffn_sites(model)
+    blocks = moe_blocks(model)
+    assert len(sites) == 3 and {s.index for s in sites if s.moe is not None} == set(blocks)
+    x = ids()
+    store, handles = capture_inputs(model)
+    seen = {}
+    try:
+        with read_activations(model, lambda s, a, y: seen.__setitem__(s.index, (a.clone(), y.clone())),
+                              with_output=True):
+            logits(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in blocks.items():
+        site = sites[i]
+        v_ref, w_ref, ran = brute_force(family, block, store[i])
+        assert site.d_ff == v_ref.shape[1] and site.module is block and site.moe.ran is None  # cleared on exit
+        a, y = seen[i]
+        assert a.shape == (3, 13, site.d_ff) and y.shape == (3, 13, D)
+        torch.testing.assert_close(a.reshape(-1, site.d_ff).double(), v_ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(y.reshape(-1, D).double(), v_ref @ w_ref.T, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(site.weight_t().double(), w_ref.T)
+        torch.testing.assert_close(site.column_norms().double(), w_ref.norm(dim=0), atol=1e-6, rtol=1e-5)
+        # experts that did not run contribute exact zeros
+        not_ran = ~ran.repeat_interleave(site.moe.d_expert, dim=1)
+        assert (a.reshape(-1, site.d_ff)[:, : not_ran.shape[1]][not_ran] == 0).all()
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", ALL_LAYOUTS)
+def test_unmasked_logits_equal_the_unhooked_model(family):
+    """With no neuron masked the model computes what it computes unhooked: bitwise for the eager
+    experts (our forward is transformers' eager loop), to float tolerance for the remote-code
+    layout (it sums the k experts in another order)."""
+    model = build(family)
+    x = ids(seed=3)
+    ref = logits(model, x)
+    with apply_rule(model, DenseRule()):
+        out = logits(model, x)
+    if family == "remote_deepseek":
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref, logits(build("deepseek_v2"), x), atol=1e-5, rtol=1e-5)  # the layout is faithful
+    else:
+        assert torch.equal(out, ref)
+    assert torch.equal(logits(model, x), ref) and count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+def test_unmasked_logits_equal_the_fused_kernels(impl):
+    """The library's own batched/grouped expert kernels (the default: grouped_mm) against our eager
+    loop: equal to float tolerance. grouped_mm on the CPU needs 16-byte strides (d_expert 12)."""
+    import transformers as tf
+
+    config = tf.Qwen2MoeConfig(**{**COMMON, **FAMILIES["qwen2_moe"][2], "moe_intermediate_size": 12})
+    config._experts_implementation = impl
+    torch.manual_seed(0)
+    model = tf.Qwen2MoeForCausalLM(config).float().eval()
+    assert model.config._experts_implementation == impl
+    x = ids(seed=4)
+    ref = logits(model, x)
+    with apply_rule(model, DenseRule()):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+# More transformers families with fused experts, built from their config classes (tiny sizes under
+# every config's own names): the sites are found and, unmasked, the logits are bitwise the model's own.
+MORE_FAMILIES = ("phimoe", "granitemoe", "glm4_moe", "ernie4_5_moe", "minimax", "flex_olmo", "exaone_moe")
+MORE_CONFIG = {**COMMON, "num_hidden_layers": 2, "intermediate_size": 13, "moe_intermediate_size": 11,
+               "num_local_experts": 5, "num_experts": 5, "n_routed_experts": 5, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("model_type", MORE_FAMILIES)
+def test_more_fused_families(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **MORE_CONFIG)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    sites = find_ffn_sites(model)
+    moe = [s for s in sites if s.moe is not None]
+    assert moe and all(s.moe.num_experts == 5 and s.moe.top_k == 2 for s in moe)
+    x = ids(seed=8)
+    ref = logits(model, x)
+    with apply_rule(model, DenseRule()):
+        assert torch.equal(logits(model, x), ref)
+    if model_type == "phimoe":  # its sparsemixer routing is fixed at 2 experts whatever top_k says
+        with pytest.raises(ValueError, match="chose 2 experts per token with top_k set to 1: its routing does not "
+                                             "follow top_k"), apply_rule(model, RoutedExpertsRule(1)):
+            logits(model, x)
+    else:
+        with apply_rule(model, RoutedExpertsRule(1)):
+            assert not torch.equal(logits(model, x), ref)
+    assert all(s.moe.top_k == 2 for s in moe) and count_hooks(model) == 0
+
+
+# -- CETT, masking and the activation ratios ----------------------------------------------------
+
+@pytest.mark.parametrize("family", ALL_LAYOUTS)
+def test_cett_masked_output_and_both_ratios_equal_brute_force(family):
+    """At thresholds eps_l: the probe's exact mean CETT (Eq. 2, over the experts that ran, routing
+    weights included) and the sparse pass's activation ratios equal the float64 brute force, and
+    the masked MoE output equals ``sum`` of the kept neuron outputs, computed from the block's input
+    in the sparse pass itself."""
+    model = build(family)
+    x = ids(batch=4, seq=11, seed=5)
+    probe = SparsityProbe(model, Blocks(x))
+    sites = probe.sites
+    blocks = moe_blocks(model)
+    # thresholds at the 60% quantile of each layer's nonzero neuron norms
+    eps = torch.stack([_quantile_nonzero(probe.activations(s.index), s.column_norms(), 0.6) for s in sites])
+    cett = probe.layer_cett(eps)
+    store, handles = capture_inputs(model)
+    out = {}
+    try:
+        for i, block in blocks.items():
+            handles.append(block.register_forward_hook(lambda m, a, o, _i=i: out.__setitem__(_i, o.detach().clone())))
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+        dense_in = dict(store)
+        stats = probe.sparse_pass(CETTRule(eps))
+        sparse_in = dict(store)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in blocks.items():
+        s = sites[i]
+        # CETT per token over the dense pass (the probe's statistics)
+        v, w, ran = brute_force(family, block, dense_in[i])
+        norms = v.abs() * w.norm(dim=0)
+        y = v @ w.T
+        tail = (v * (norms <= eps[i].double())) @ w.T
+        ref_cett = (tail.norm(dim=1) / y.norm(dim=1)).mean()
+        assert abs(float(cett[i]) - float(ref_cett)) < 1e-5
+        # the sparse pass: masked output and both activation ratios, from that pass's own input
+        v, w, ran = brute_force(family, block, sparse_in[i])
+        keep = (v.abs() * w.norm(dim=0)) > eps[i].double()
+        torch.testing.assert_close(out[i].reshape(-1, D).double(), (v * keep) @ w.T, atol=1e-5, rtol=1e-4)
+        ran_neurons = ran.sum(dim=1) * s.moe.d_expert + s.moe.d_shared
+        assert abs(float(stats.layer_active[i]) - keep.sum().item() / (len(v) * s.d_ff)) < 1e-6
+        assert abs(float(stats.layer_active_ran[i]) - keep.sum().item() / ran_neurons.sum().item()) < 1e-6
+    for s in sites:  # dense FFN layers (DeepSeek's first, Qwen2-MoE's mlp_only_layers): both counts agree
+        if s.moe is None:
+            assert float(stats.layer_active_ran[s.index]) == pytest.approx(float(stats.layer_active[s.index]))
+    assert stats.activation_ratio_ran > stats.activation_ratio  # fewer neurons ran than exist
+    assert stats.activation_ratio == pytest.approx(float(stats.layer_active.mean()))
+
+
+def _quantile_nonzero(a: torch.Tensor, col_norms: torch.Tensor, q: float) -> torch.Tensor:
+    n = (a.float().abs() * col_norms).flatten()
+    return n[n > 0].quantile(q)
+
+
+def test_memory_and_stream_modes_agree_and_results_carry_both_ratios(tmp_path):
+    """PPL-1% on Qwen2-MoE (shared expert, a dense first layer): stream mode gives the memory mode's
+    answer; the result, its JSON and the table carry both activation ratios; a dense model's JSON
+    does not gain the fields."""
+    model = build("qwen2_moe")
+    x = ids(batch=6, seq=33, seed=1)
+    reports = {}
+    for mode in ("memory", "stream"):
+        probe = SparsityProbe(model, Blocks(x), mode=mode)
+        reports[mode] = su.measure_probe(probe, [1])
+    mem, stream = reports["memory"].results[0], reports["stream"].results[0]
+    assert mem.cett == pytest.approx(stream.cett, abs=1e-9)
+    torch.testing.assert_close(torch.tensor(mem.thresholds), torch.tensor(stream.thresholds), rtol=1e-5, atol=1e-7)
+    assert mem.activation_ratio_ran == pytest.approx(stream.activation_ratio_ran, abs=1e-6)
+    assert 0 < mem.activation_ratio < mem.activation_ratio_ran < 1
+    assert mem.activation_ratio_ran == pytest.approx(sum(mem.layer_activation_ratio_ran) / 3, abs=1e-6)
+    path = tmp_path / "r.json"
+    reports["memory"].save(path)
+    back = SparsityReport.load(path)
+    assert back.results[0].activation_ratio_ran == mem.activation_ratio_ran
+    assert "ran ratio" in back.table() and "over the neurons of the experts that ran" in back.table()
+    assert all("activation_ratio_ran" in pt for pt in json.loads(path.read_text())["search_points"])
+    dense = PPLPResult(p=1, cett=0.1, activation_ratio=0.5, ppl_dense=2, ppl_sparse=2.02, ppl_ratio=1.01,
+                       thresholds=[0.1], layer_activation_ratio=[0.5], layer_cett=[0.1])
+    assert "activation_ratio_ran" not in dense.to_dict() and "layer_activation_ratio_ran" not in dense.to_dict()
+    # sparse_inference runs an MoE model with the result's thresholds
+    with sparse_inference(model, mem):
+        assert count_hooks(model) > 0
+        logits(model, x[:1])
+    assert count_hooks(model) == 0
+
+
+def test_sparsing_measure_on_an_moe_folder(tmp_path, capsys):
+    """The command line on a saved tiny Qwen2-MoE (model folder + the character tokenizer), stream mode:
+    the table gets the ran-experts column and the JSON both ratios per result."""
+    from conftest import build_tiny_tokenizer, markov_text
+
+    from sparsing_utils import cli
+
+    model = build("qwen2_moe")
+    model.config.vocab_size = VOCAB
+    folder = tmp_path / "moe"
+    model.save_pretrained(folder)
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(ch for ch in markov_text(3000, seed=4) if tok.convert_tokens_to_ids(ch) < VOCAB))
+    out = tmp_path / "r.json"
+    rc = cli.main(["measure", "--model", str(folder), "--text", str(text), "--tokens", "512", "--block-len", "64",
+                   "--p", "1", "--mode", "stream", "--out", str(out), "--quiet"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "ran ratio" in stdout and "over the neurons of the experts that ran" in stdout
+    r = json.loads(out.read_text())["results"][0]
+    assert 0 < r["activation_ratio"] < r["activation_ratio_ran"] <= 1 and len(r["layer_activation_ratio_ran"]) == 3
+
+
+# -- Fig. 2: the number of routed experts -------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "remote_deepseek"])
+def test_routed_experts_curve(family):
+    """pareto_sweep(probe, "experts"): the routers' top-k set to k on the same tokens; the all-expert
+    activation ratio is (k d_e + d_shared) / (E d_e + d_shared) per MoE layer (1 for dense layers),
+    rising with k; the ratio over the experts that ran is 1; k = the model's own top-k is the dense
+    model; routers are restored."""
+    model = build(family)
+    probe = SparsityProbe(model, Blocks(ids(batch=4, seq=17, seed=2)))
+    moe = [s for s in probe.sites if s.moe is not None]
+    default_k = moe[0].moe.top_k
+    most = 4 if family == "deepseek_v3" else moe[0].moe.num_experts  # V3: 1 of 2 groups of 4 experts
+    ks = list(range(1, most + 1))
+    curve = pareto_sweep(probe, "experts", ks)
+    assert list(curve["rule"]) == ["experts"] * len(ks) and list(curve["value"]) == ks
+    for k, r, ran in zip(ks, curve["activation_ratio"], curve["activation_ratio_ran"]):
+        per_layer = [(k * s.moe.d_expert + s.moe.d_shared) / s.d_ff if s.moe is not None else 1.0 for s in probe.sites]
+        assert r == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-6)
+        assert ran == pytest.approx(1.0)
+    assert curve["activation_ratio"].is_monotonic_increasing and curve["activation_ratio"].nunique() == len(ks)
+    own = curve[curve["value"] == default_k].iloc[0]
+    assert own["ppl"] == pytest.approx(probe.dense.ppl, rel=1e-6)
+    assert all(s.moe.router.top_k == default_k for s in moe)
+    # placed by activation ratio: the nearest k
+    placed = pareto_sweep(probe, "experts", activation_ratios=[float(curve["activation_ratio"].iloc[0]),
+                                                               float(curve["activation_ratio"].iloc[-1])])
+    assert list(placed["value"]) == [1, most]
+
+
+def test_routed_top_k_restores_and_rejects_bad_k():
+    model = build("deepseek_v3")
+    routers = [b.gate for b in moe_blocks(model).values()]
+    with pytest.raises(ValueError, match=r"k=5 out of range .*1\.\.4 .*1 of 2 expert groups"), routed_top_k(model, 5):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), routed_top_k(model, 1):
+        assert all(r.top_k == 1 for r in routers)
+        raise RuntimeError("boom")
+    assert all(r.top_k == 3 for r in routers)
+    with pytest.raises(ValueError, match="no MoE layer"), routed_top_k(build_dense(), 1):
+        pass
+    with pytest.raises(ValueError, match="integer >= 1"):
+        RoutedExpertsRule(0)
+
+
+def build_dense():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**COMMON, "intermediate_size": 13})).eval()
+
+
+def test_hooks_and_forward_restored_after_exceptions():
+    model = build("mixtral")
+    x = ids()
+    ref = logits(model, x)
+
+    def boom(site, a, gate):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), su.edit_activations(model, boom):
+        logits(model, x)
+    assert count_hooks(model) == 0 and all("forward" not in b.__dict__ for b in moe_blocks(model).values())
+    assert torch.equal(logits(model, x), ref)
+    # nested contexts: a read inside an edit sees the edited vector; both removed on exit
+    seen = {}
+    with su.edit_activations(model, lambda s, a, g: torch.zeros_like(a)):
+        with read_activations(model, lambda s, a: seen.__setitem__(s.index, a.abs().max().item())):
+            logits(model, x)
+        assert count_hooks(model) == 3
+    assert set(seen.values()) == {0.0} and count_hooks(model) == 0
+
+
+def test_gate_ranked_rules_see_the_experts_gates():
+    """Top-k by gate and FAT rank by act(W_gate x) of each expert that ran (zeros elsewhere)."""
+    model = build("olmoe")
+    x = ids(seed=7)
+    store, handles = capture_inputs(model)
+    gates = {}
+    try:
+        with su.edit_activations(model, lambda s, a, g: gates.__setitem__(s.index, g.clone()), need_gate=True):
+            logits(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in moe_blocks(model).items():
+        xin = store[i].double()
+        _, idx = route("olmoe", block, xin)
+        ref = []
+        for e, (wg, _, _) in enumerate(expert_weights(block)):
+            ran = (idx == e).any(dim=1, keepdim=True)
+            ref.append(_silu(xin @ wg.T) * ran)
+        torch.testing.assert_close(gates[i].reshape(len(xin), -1).double(), torch.cat(ref, dim=1), atol=1e-5, rtol=1e-4)
+    stats = SparsityProbe(model, Blocks(x)).sparse_pass(su.TopKRule(0.1))  # k = round(0.1 * 78) of the 2 x 13 that ran
+    assert stats.activation_ratio == pytest.approx(8 / 78) and stats.activation_ratio_ran == pytest.approx(8 / 26)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+def test_incomplete_moe_blocks_get_clear_errors():
+    model = build("qwen2_moe")
+    layer = model.model.layers[1]
+    broken = copy.deepcopy(layer)
+    del broken.mlp.gate
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp \(Qwen2MoeSparseMoeBlock\) has experts but no router: "
+                                         r"searched gate, router"):
+        find_moe(broken, "model.layers.1")
+    broken = copy.deepcopy(layer)
+    del broken.mlp.experts.gate_up_proj
+    with pytest.raises(ValueError, match="fused 3-D expert weights: expected gate_up_proj"):
+        find_moe(broken, "model.layers.1")
+    broken = copy.deepcopy(layer)
+    broken.mlp.shared_expert = nn.Sequential(nn.Linear(D, 5), nn.Linear(5, D))
+    with pytest.raises(ValueError, match="shared expert Sequential is not a gated MLP .*gate_proj/up_proj/down_proj"):
+        find_moe(broken, "model.layers.1")
+    broken = copy.deepcopy(layer)
+    broken.mlp.experts = nn.Module()
+    with pytest.raises(ValueError, match="neither fused 3-D expert weights nor module list"):
+        find_moe(broken, "model.layers.1")
+    # a transformers 4.x-style router that returns logits only: named at the first forward
+    m = build("mixtral")
+    for block in moe_blocks(m).values():
+        block.gate = nn.Linear(D, 5, bias=False)
+    with pytest.raises(ValueError, match="returned .*expected the chosen experts' indices and routing weights"), \
+            apply_rule(m, DenseRule()):
+        logits(m, ids())
+    assert count_hooks(m) == 0
