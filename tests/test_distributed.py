@@ -3,8 +3,8 @@
 A tiny random Llama with odd sizes (hidden 36, 3 layers, ``d_ff`` 53, 3 heads / 1 kv head,
 vocabulary 97, weights of std 0.3 so that its FFNs matter) on 41 blocks of 29 tokens sampled
 from the model itself (on uniform random tokens its PPL ratio hardly grows with ``c``), some
-of them padded at the end, is searched
-for PPL-1% in memory and stream mode by one process (no process group), then by 2 processes
+of them padded at the end, is searched for PPL-1% in memory and stream mode by one process
+(no process group), then by 2 processes
 (blocks ``r::2``: 21 and 20) and by 4 (contiguous shards of 11, 10, 10, 10 blocks), each
 started with ``torch.multiprocessing.spawn``. With ``curve_tokens=128`` and batches of 3
 blocks the code before issue 10 guided every rank by curves from its own first tokens and a
