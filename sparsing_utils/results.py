@@ -21,7 +21,7 @@ from .ffn import find_ffn_sites
 from .jsonio import atomic_write_json
 from .rules import CETTRule, Recorder, apply_rule
 
-__all__ = ["PPLPResult", "CheckpointResult", "SparsityReport", "sparse_inference"]
+__all__ = ["CheckpointResult", "PPLPResult", "SparsityReport", "sparse_inference"]
 
 
 @dataclass
@@ -43,6 +43,9 @@ class PPLPResult:
     message: str = ""
     sparse_passes: int = 0
     seconds: float = 0.0
+    # |d(activation ratio)/d(PPL ratio)| x the search's PPL tolerance, from the evaluated points
+    # nearest the target (None: fewer than two points); see search.activation_uncertainty
+    activation_ratio_uncertainty: float | None = None
 
     @property
     def sparsity_ratio(self) -> float:
@@ -116,11 +119,16 @@ class SparsityReport:
         return cls(**d)
 
     def table(self) -> str:
-        head = f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} {'PPL dense':>10} {'PPL sparse':>10} {'ratio':>8} ok"
+        """One row per ``p``; ``+-`` is the activation-ratio uncertainty the PPL tolerance implies
+        (``?``: fewer than two evaluated points)."""
+        head = (f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} {'+-':>7} {'PPL dense':>10} {'PPL sparse':>10} "
+                f"{'ratio':>8} ok")
         rows = [head]
         for r in self.results:
-            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {r.ppl_dense:>10.4f} "
-                        f"{r.ppl_sparse:>10.4f} {r.ppl_ratio:>8.4f} {'yes' if r.converged else 'NO: ' + r.message}")
+            u = r.activation_ratio_uncertainty
+            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {'?' if u is None else f'{u:.4f}':>7} "
+                        f"{r.ppl_dense:>10.4f} {r.ppl_sparse:>10.4f} {r.ppl_ratio:>8.4f} "
+                        f"{'yes' if r.converged else 'NO: ' + r.message}")
         return "\n".join(rows)
 
     def dataframe(self):
