@@ -197,9 +197,10 @@ class NormHistogram:
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
-            dist.all_reduce(self.zeros)
+        if dist.is_available() and dist.is_initialized():  # one collective; integer counts sum exactly
+            both = torch.cat([self.counts, self.zeros.unsqueeze(1)], dim=1)  # [layers, BINS + 1]
+            dist.all_reduce(both)
+            self.counts, self.zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
 
 
 @dataclass
