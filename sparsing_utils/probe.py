@@ -184,8 +184,9 @@ class SparsityProbe:
         if self.curve_tokens < 1:
             raise ValueError(f"curve_tokens must be >= 1, got {curve_tokens!r}")
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
-        # Fewest blocks on a process and the shortest block (real tokens), over all processes.
+        # Fewest blocks on a process and the shortest non-empty block (real tokens), over all processes.
         real = mask.sum(dim=1)
+        real = real[real > 0]
         fewest = _all_reduce_min(torch.tensor([float(ids.shape[0]), float(real.min()) if len(real) else math.inf],
                                               dtype=torch.float64, device=self.device)).tolist()
         if fewest[0] < 1:  # every process runs the same collectives: one without blocks cannot
@@ -195,7 +196,7 @@ class SparsityProbe:
                              "processes): give every process at least one block (more blocks or fewer processes)")
         # The guide curves' tokens: about curve_tokens of them, every stride-th real token of
         # every block (a block of the shortest length still gives one).
-        self.curve_stride = max(1, min(math.ceil(self.n_tokens / self.curve_tokens), int(fewest[1])))
+        self.curve_stride = max(1, int(min(math.ceil(self.n_tokens / self.curve_tokens), fewest[1])))
         self._curve_rows = curve_token_mask(mask, self.curve_stride)[mask.bool()]  # [local real tokens] bool
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
@@ -273,7 +274,7 @@ class SparsityProbe:
             return self
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
         ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
-        guide: dict[tuple[int, int], torch.Tensor] = {}  # rows of this batch that are guide tokens (stream mode)
+        guide = self._guide_rows_by_batch() if self.mode == "stream" else {}
         rows = TokenRows()
         finite = torch.ones(len(self.sites), dtype=torch.bool, device=self.device)  # checked after the pass
 
@@ -286,11 +287,7 @@ class SparsityProbe:
                 acts[i].append(av)
                 ynorms[i].append(yn)
             else:  # keep only the guide tokens' rows (about curve_tokens in all)
-                key = (rows.start, rows.stop)
-                if key not in guide:  # once per batch
-                    guide.clear()
-                    guide[key] = self._curve_rows[rows.start:rows.stop].nonzero().squeeze(1).to(av.device)
-                sel = guide[key]
+                sel = guide[rows.start, rows.stop]
                 acts[i].append(av.index_select(0, sel.to(av.device)))
                 ynorms[i].append(yn.index_select(0, sel.to(yn.device)))
 
@@ -322,6 +319,18 @@ class SparsityProbe:
             y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
         self.curve = self._guide_curve(a_all, y_all)
         return self
+
+    def _guide_rows_by_batch(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Stream mode: for each batch of :meth:`_run` (keyed by its rows ``start, stop`` among
+        this process's real tokens), the rows of its real tokens that are guide tokens, already on
+        the device (copied before the pass, so the hooks never wait for a copy)."""
+        real = self.attention_mask.sum(dim=1)  # [n_blocks]
+        out, start = {}, 0
+        for b in range(0, len(real), self.batch_size):
+            stop = start + int(real[b:b + self.batch_size].sum())
+            out[start, stop] = self._curve_rows[start:stop].nonzero().squeeze(1).to(self.device)
+            start = stop
+        return out
 
     def _guide_curve(self, a: list[torch.Tensor], y_norm: list[torch.Tensor]) -> CETTCurve:
         """Each layer's CETT curve on this process's guide tokens, ``a [tokens, d_ff]`` and

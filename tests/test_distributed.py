@@ -160,3 +160,16 @@ def test_same_answer_on_1_2_and_4_processes(tmp_path):
     # a process without blocks: a clear refusal on every process, before any forward pass
     for r in four:
         assert "a process has no token blocks" in r["refusal"] and r["refusal"].endswith("forwards=0"), r["refusal"]
+
+
+def test_guide_tokens_are_chosen_inside_each_block():
+    """Every stride-th real token of each block (index among its real tokens, padding on either
+    side skipped), whatever other blocks there are: the rule that makes the subset split-free."""
+    from sparsing_utils.probe import curve_token_mask
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0]])
+    got = curve_token_mask(mask, 3)
+    assert got.nonzero().tolist() == [[0, 2], [0, 5], [1, 2], [2, 4]]
+    for b in range(len(mask)):  # a block alone gives the same tokens
+        assert torch.equal(curve_token_mask(mask[b:b + 1], 3)[0], got[b])
+    assert torch.equal(curve_token_mask(mask, 1), mask.bool())
