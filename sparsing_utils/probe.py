@@ -14,9 +14,9 @@ PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.se
   (the figure of CETT against the threshold).
 
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
-tokens); ``"stream"`` keeps nothing and recomputes the dense pass whenever exact CETT
-statistics are needed, accumulating them chunk by chunk inside the hooks (peak memory does
-not grow with layers x tokens). A memory-mode probe whose activations were dropped with
+tokens); ``"stream"`` keeps only the guide tokens' activations (about ``curve_tokens x d_ff``
+per layer) and recomputes the dense pass whenever exact CETT statistics are needed,
+accumulating them chunk by chunk inside the hooks (peak memory does not grow with the budget). A memory-mode probe whose activations were dropped with
 :meth:`SparsityProbe.release` computes further statistics as stream mode does.
 
 Under ``torch.distributed`` each rank holds its own shard of the blocks (any split: strided,

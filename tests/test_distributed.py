@@ -173,3 +173,25 @@ def test_guide_tokens_are_chosen_inside_each_block():
     for b in range(len(mask)):  # a block alone gives the same tokens
         assert torch.equal(curve_token_mask(mask[b:b + 1], 3)[0], got[b])
     assert torch.equal(curve_token_mask(mask, 1), mask.bool())
+
+
+def test_guide_stride_is_capped_by_the_shortest_block():
+    """41 blocks of 5 tokens and curve_tokens=10: the stride would be ceil(205 / 10) = 21, more
+    than a block holds; it is capped at 5 so that every block still gives one guide token, and
+    the curve is the mean over exactly those 41 tokens (checked against the sketch by hand)."""
+    from sparsing_utils.cett import cett_statistics, sketch_weight
+    from sparsing_utils.probe import SparsityProbe
+
+    torch.set_num_threads(1)
+    model = tiny_odd_llama()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (41, 5), generator=g)
+    probe = SparsityProbe(model, SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                          curve_tokens=10, batch_size=7).prepare()
+    assert probe.curve_stride == 5 and int(probe._curve_rows.sum()) == 41
+    site = probe.sites[1]
+    a = probe.activations(1)[4::5]  # [41, d_ff]: the last token of each block
+    y = (a @ site.weight_t().detach()).norm(dim=-1)
+    sums, _ = cett_statistics(a, sketch_weight(site.weight_t().detach(), probe.sketch_dim, seed=1),
+                              probe.col_norms[1], probe.curve.eps[1], y)
+    assert probe.curve.cett[1].tolist() == pytest.approx((sums / 41).tolist(), abs=1e-6)
