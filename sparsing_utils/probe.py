@@ -92,27 +92,38 @@ def _model_device(model: nn.Module) -> torch.device:
 class TokenRows:
     """The real (non-padding) tokens of the batch being run, for hooks that see ``[batch, seq, ...]``.
 
-    :meth:`SparsityProbe._run` calls :meth:`next_batch` with each batch's attention mask
-    before its forward; hooks then call the object on a tensor to get its real-token rows.
-    ``start:stop`` is where those tokens sit among all real tokens of the run (the
-    columns of per-token statistics).
+    :meth:`SparsityProbe._run` calls :meth:`next_batch` with each batch's attention mask (on the
+    CPU, so nothing waits for the device) before its forward; hooks then call the object on a
+    tensor to get its real-token rows. ``start:stop`` is where those tokens sit among all real
+    tokens of the run (the columns of per-token statistics).
     """
 
     def __init__(self) -> None:
-        self.valid: torch.Tensor | None = None  # [batch, seq] bool
+        self.index: torch.Tensor | None = None  # [real tokens] rows of a padded batch, on the device
         self.all_valid = True
         self.start = self.stop = 0
 
-    def next_batch(self, mask: torch.Tensor) -> None:
-        self.valid = mask.bool()
-        self.all_valid = bool(self.valid.all())
+    def next_batch(self, mask: torch.Tensor, device: torch.device | None = None) -> None:
+        """``mask [batch, seq]`` (CPU); a padded batch's row index goes to ``device`` once, for
+        every hook of the batch (pinned and asynchronous on CUDA)."""
+        valid = mask.bool()
+        self.all_valid = bool(valid.all())
         self.start = self.stop
-        self.stop = self.start + (self.valid.numel() if self.all_valid else int(self.valid.sum()))
+        self.index = None
+        if self.all_valid:
+            self.stop = self.start + valid.numel()
+            return
+        index = valid.reshape(-1).nonzero().squeeze(1)
+        self.stop = self.start + len(index)
+        if device is not None and device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+        self.index = index
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding,
-        which avoids a copy and a device synchronisation)."""
-        return x.reshape(-1, *x.shape[2:]) if self.all_valid else x[self.valid.to(x.device)]
+        """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding;
+        never a device synchronisation)."""
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat if self.all_valid else flat.index_select(0, self.index.to(x.device))
 
 
 @dataclass
@@ -207,12 +218,14 @@ class SparsityProbe:
         self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
-    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(ids, mask)`` on the device and the mask on the CPU, batch by batch."""
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
-            yield (self.input_ids[sel].to(self.device, non_blocking=True),
-                   self.attention_mask[sel].to(self.device, non_blocking=True))
+            mask = self.attention_mask[sel]
+            yield (self.input_ids[sel].to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
+                   mask)
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -231,9 +244,9 @@ class SparsityProbe:
         nll, count = sums[0], sums[1]
         bar = self._progress(desc, blocks)
         try:
-            for ids, mask in self._batches(blocks):
+            for ids, mask, cpu_mask in self._batches(blocks):
                 if rows is not None:
-                    rows.next_batch(mask)
+                    rows.next_batch(cpu_mask, self.device)
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
