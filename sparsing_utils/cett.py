@@ -170,12 +170,14 @@ class NormHistogram:
         self.zeros = torch.zeros(n_layers, dtype=torch.float64, device=device)
 
     def add(self, layer: int, norms: torch.Tensor) -> None:
-        flat = norms.reshape(-1)
-        positive = flat[flat > 0]
-        self.zeros[layer] += flat.numel() - positive.numel()
-        logs = positive.log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
+        """Count ``norms`` (any shape) into one layer's histogram, with no device synchronisation
+        (no boolean indexing, no ``bincount``): integer counts, exact in any order."""
+        flat = norms.reshape(-1).to(self.counts.device)
+        positive = flat > 0
+        self.zeros[layer] += (~positive).sum()
+        logs = flat.clamp_min(torch.finfo(flat.dtype).tiny).log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
         idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
-        self.counts[layer] += torch.bincount(idx, minlength=self.BINS).to(self.counts)
+        self.counts[layer].index_add_(0, idx, positive.to(self.counts.dtype))
 
     def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
         """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.
