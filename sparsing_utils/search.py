@@ -207,8 +207,9 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     returned as a :class:`CheckpointResult`. ``tol`` is on the ratio (1e-3 = 0.1 percentage
     point, in ``(0, p/100)``); each result reports the activation-ratio uncertainty it implies
     (:func:`activation_uncertainty`); a smaller ``tol`` pins it more tightly at the cost of more
-    sparse passes (the PPL ratio's noise at the token budget sets the floor). Every step uses exact thresholds (each layer's mean CETT within 1e-4 of ``c``
-    on all tokens), found from the CETT curves plus the exact points of earlier steps.
+    sparse passes (the PPL ratio's noise at the token budget sets the floor). Every step uses
+    exact thresholds (each layer's mean CETT within 1e-4 of ``c`` on all tokens), found from
+    the CETT curves plus the exact points of earlier steps.
     ``evaluations`` shares evaluated points between calls on the same probes.
     """
     if not (isinstance(p, (int, float)) and 0 < p < 100 and math.isfinite(p)):
