@@ -22,18 +22,18 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "neuron_norms",
-    "truncated_norms",
-    "truncated_statistics",
+    "CETTCurve",
+    "NormHistogram",
     "activation_limits",
     "cett_per_token",
     "cett_statistics",
-    "CETTCurve",
-    "NormHistogram",
-    "interpolate_thresholds",
-    "refine_thresholds",
     "default_compute_dtype",
+    "interpolate_thresholds",
+    "neuron_norms",
+    "refine_thresholds",
     "sketch_weight",
+    "truncated_norms",
+    "truncated_statistics",
 ]
 
 
@@ -170,12 +170,14 @@ class NormHistogram:
         self.zeros = torch.zeros(n_layers, dtype=torch.float64, device=device)
 
     def add(self, layer: int, norms: torch.Tensor) -> None:
-        flat = norms.reshape(-1)
-        positive = flat[flat > 0]
-        self.zeros[layer] += flat.numel() - positive.numel()
-        logs = positive.log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
+        """Count ``norms`` (any shape) into one layer's histogram, with no device synchronisation
+        (no boolean indexing, no ``bincount``): integer counts, exact in any order."""
+        flat = norms.reshape(-1).to(self.counts.device)
+        positive = flat > 0
+        self.zeros[layer] += (~positive).sum()
+        logs = flat.clamp_min(torch.finfo(flat.dtype).tiny).log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
         idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
-        self.counts[layer] += torch.bincount(idx, minlength=self.BINS).to(self.counts)
+        self.counts[layer].index_add_(0, idx, positive.to(self.counts.dtype))
 
     def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
         """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.
@@ -197,9 +199,10 @@ class NormHistogram:
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
-            dist.all_reduce(self.zeros)
+        if dist.is_available() and dist.is_initialized():  # one collective; integer counts sum exactly
+            both = torch.cat([self.counts, self.zeros.unsqueeze(1)], dim=1)  # [layers, BINS + 1]
+            dist.all_reduce(both)
+            self.counts, self.zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
 
 
 @dataclass

@@ -36,7 +36,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="memory: keep activations (fast); stream: bounded memory")
     m.add_argument("--calibrate-on-split", action="store_true",
                    help="calibrate thresholds on the first half of the text, measure PPL on the second")
-    m.add_argument("--tol", type=float, default=1e-3, help="tolerance on the PPL ratio (1e-3 = 0.1 point)")
+    m.add_argument("--tol", type=float, default=1e-3,
+                   help="tolerance on the PPL ratio (1e-3 = 0.1 point, in (0, p/100)); smaller pins the activation "
+                        "ratio more precisely (the table's +- column) at the cost of more sparse passes")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_measure)
@@ -108,9 +110,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_measure(args: argparse.Namespace) -> int:
     from .jsonio import check_writable
-    from .measure import check_p_values, measure_sparsity
+    from .measure import check_search_options, measure_sparsity
 
-    check_p_values(args.p)  # fail before loading anything
+    check_search_options(args.p, args.tol)  # fail before loading anything
     check_writable(args.out)
     report = measure_sparsity(
         args.model, args.text, tokens=args.tokens, p=args.p, block_len=args.block_len, dtype=args.dtype,
@@ -169,8 +171,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
+    from .measure import check_search_options
     from .tracking import track
 
+    check_search_options(args.p, args.tol)  # before reading the run
     r = track(args.run, p=args.p, out=args.out, tokens=args.tokens, device=args.device, mode=args.mode,
               corpus=args.corpus, block_len=args.block_len, pattern_tokens=args.pattern_tokens,
               token_set=args.token_set, tol=args.tol, sweep=args.sweep, progress=not args.quiet)

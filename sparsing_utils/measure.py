@@ -17,9 +17,9 @@ from .blocks import make_blocks
 from .models import describe_model, load_model
 from .probe import SparsityProbe
 from .results import SparsityReport
-from .search import EvaluationTable, search_ppl_p
+from .search import EvaluationTable, check_tol, search_ppl_p
 
-__all__ = ["measure_sparsity", "measure_probe", "check_p_values"]
+__all__ = ["check_p_values", "check_search_options", "measure_probe", "measure_sparsity"]
 
 
 def check_p_values(p: float | Sequence[float]) -> list[float]:
@@ -31,6 +31,14 @@ def check_p_values(p: float | Sequence[float]) -> list[float]:
         if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 100:
             raise ValueError(f"p must be a percentage in (0, 100), got {v!r} (e.g. 1 for PPL-1%)")
     return [float(v) for v in values]
+
+
+def check_search_options(p: float | Sequence[float], tol: float) -> list[float]:
+    """Validate the targets and the PPL tolerance together (``tol`` below every ``p/100``)."""
+    ps = check_p_values(p)
+    for v in ps:
+        check_tol(tol, v)
+    return ps
 
 
 def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, tokens: int = 8192,
@@ -45,9 +53,10 @@ def measure_sparsity(model: str | object = "smollm2", text: str = "pydoc", *, to
     already loaded model (then pass ``tokenizer``). text: a built-in source (``pydoc``,
     ``stdlib``), a ``.txt``/``.jsonl`` file or ``hf:NAME[:CONFIG][:SPLIT]``. With
     ``calibrate_on_split`` the thresholds are calibrated on the first half of the text and the
-    PPL measured on the second half (``tokens`` each).
+    PPL measured on the second half (``tokens`` each). ``tol`` is the tolerance on the PPL ratio
+    (1e-3 = 0.1 point): each result reports the activation-ratio uncertainty it implies.
     """
-    ps = check_p_values(p)
+    ps = check_search_options(p, tol)
     if not isinstance(tokens, int) or tokens < 2:
         raise ValueError(f"tokens must be an integer >= 2, got {tokens!r}")
     start = time.perf_counter()
@@ -86,7 +95,7 @@ def measure_probe(probe: SparsityProbe, p: float | Sequence[float] = (1.0, 5.0, 
     points are shared between the p values (pass ``evaluations``, an
     :class:`~sparsing_utils.search.EvaluationTable` of this probe, to keep their sparse passes).
     Returns a :class:`SparsityReport` whose ``search_points`` list every evaluated CETT."""
-    ps = check_p_values(p)
+    ps = check_search_options(p, tol)
     start = time.perf_counter()
     probe.prepare()
     if evaluations is None:

@@ -19,7 +19,6 @@ __all__ = [
     "plot_activation_vs_data",
     "plot_bottleneck",
     "plot_cett_curves",
-    "plot_cett_curves",
     "plot_derivative_vs_ratio",
     "plot_drop_k",
     "plot_forecast",

@@ -4,8 +4,9 @@ The probe is the measuring instrument of PPL-p% sparsity (Luo et al. 2024, Sec. 
 PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.search`.
 
 * :meth:`SparsityProbe.prepare` runs the dense pass once: dense PPL; each layer's CETT curve
-  on a grid of thresholds, estimated on the first ``curve_tokens`` tokens through a random
-  projection of ``W_down`` (a guide only); in memory mode, the activations ``a`` of every layer.
+  on a grid of thresholds, estimated on about ``curve_tokens`` tokens spread over every block
+  (:func:`curve_token_mask`) through a random projection of ``W_down`` (a guide only); in memory
+  mode, the activations ``a`` of every layer.
 * :meth:`SparsityProbe.thresholds_for` finds per-layer thresholds whose *exact* mean CETT
   (Eq. 2, on all tokens) is a target ``c``: a first guess from the curve, then secant steps.
 * :meth:`SparsityProbe.sparse_pass` runs the model under a rule: PPL and activation ratios.
@@ -13,12 +14,19 @@ PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.se
   (the figure of CETT against the threshold).
 
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
-tokens); ``"stream"`` keeps nothing and recomputes the dense pass whenever exact CETT
-statistics are needed, accumulating them chunk by chunk inside the hooks (peak memory does
-not grow with layers x tokens). A memory-mode probe whose activations were dropped with
-:meth:`SparsityProbe.release` computes further statistics as stream mode does. Under
-``torch.distributed`` every sum (losses, token counts, histograms, CETT sums) is
-all-reduced, so each rank can hold a different shard of blocks.
+tokens); ``"stream"`` keeps only the guide tokens' activations (about ``curve_tokens x d_ff``
+per layer) and recomputes the dense pass whenever exact CETT statistics are needed,
+accumulating them chunk by chunk inside the hooks (peak memory does not grow with the budget). A memory-mode probe whose activations were dropped with
+:meth:`SparsityProbe.release` computes further statistics as stream mode does.
+
+Under ``torch.distributed`` each rank holds its own shard of the blocks (any split: strided,
+contiguous, uneven) and the answer does not depend on the split: the tokens of the guide
+curves are chosen by their place inside their block, so every world size uses the same
+global subset (each rank measures its part of it); the threshold grid comes from a histogram
+of that subset's norms (integer counts, summed exactly); every other statistic is a float64
+sum all-reduced across ranks (losses, CETT sums, activated counts), which only the rounding
+of float64 additions can tell apart. No collective runs inside a hook, so ranks may run
+different numbers of batches.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from .cett import (
 from .ffn import FFNSite, edit_activations, find_ffn_sites, read_activations
 from .rules import SparsityRule, apply_rule
 
-__all__ = ["SparsityProbe", "PassStats", "DEFAULT_LEVELS"]
+__all__ = ["DEFAULT_LEVELS", "PassStats", "SparsityProbe", "curve_token_mask"]
 
 # Activation-ratio levels at which each layer's CETT curve is sampled (geometric, 0.2%..98%).
 DEFAULT_LEVELS = tuple(float(x) for x in torch.logspace(math.log10(0.002), math.log10(0.98), 24))
@@ -56,6 +64,27 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def curve_token_mask(attention_mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """The tokens that the guide curves are estimated on: in every block, the real tokens whose
+    index among the block's real tokens is ``stride - 1, 2 * stride - 1, ...`` (the first token,
+    often an outlier, is skipped unless ``stride`` is 1). ``[n_blocks, block_len]`` bool.
+
+    The choice depends only on each block's own mask, never on which process holds the block or
+    on its neighbours, so the subset (and the curves) is the same for every split of the blocks.
+    """
+    real = attention_mask.bool()
+    index = real.long().cumsum(dim=1) - 1  # [n_blocks, block_len] index among the block's real tokens
+    return real & (index % stride == stride - 1)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -63,27 +92,38 @@ def _model_device(model: nn.Module) -> torch.device:
 class TokenRows:
     """The real (non-padding) tokens of the batch being run, for hooks that see ``[batch, seq, ...]``.
 
-    :meth:`SparsityProbe._run` calls :meth:`next_batch` with each batch's attention mask
-    before its forward; hooks then call the object on a tensor to get its real-token rows.
-    ``start:stop`` is where those tokens sit among all real tokens of the run (the
-    columns of per-token statistics).
+    :meth:`SparsityProbe._run` calls :meth:`next_batch` with each batch's attention mask (on the
+    CPU, so nothing waits for the device) before its forward; hooks then call the object on a
+    tensor to get its real-token rows. ``start:stop`` is where those tokens sit among all real
+    tokens of the run (the columns of per-token statistics).
     """
 
     def __init__(self) -> None:
-        self.valid: torch.Tensor | None = None  # [batch, seq] bool
+        self.index: torch.Tensor | None = None  # [real tokens] rows of a padded batch, on the device
         self.all_valid = True
         self.start = self.stop = 0
 
-    def next_batch(self, mask: torch.Tensor) -> None:
-        self.valid = mask.bool()
-        self.all_valid = bool(self.valid.all())
+    def next_batch(self, mask: torch.Tensor, device: torch.device | None = None) -> None:
+        """``mask [batch, seq]`` (CPU); a padded batch's row index goes to ``device`` once, for
+        every hook of the batch (pinned and asynchronous on CUDA)."""
+        valid = mask.bool()
+        self.all_valid = bool(valid.all())
         self.start = self.stop
-        self.stop = self.start + (self.valid.numel() if self.all_valid else int(self.valid.sum()))
+        self.index = None
+        if self.all_valid:
+            self.stop = self.start + valid.numel()
+            return
+        index = valid.reshape(-1).nonzero().squeeze(1)
+        self.stop = self.start + len(index)
+        if device is not None and device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+        self.index = index
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding,
-        which avoids a copy and a device synchronisation)."""
-        return x.reshape(-1, *x.shape[2:]) if self.all_valid else x[self.valid.to(x.device)]
+        """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding;
+        never a device synchronisation)."""
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat if self.all_valid else flat.index_select(0, self.index.to(x.device))
 
 
 @dataclass
@@ -159,15 +199,23 @@ class SparsityProbe:
         self.col_norms = [s.column_norms() for s in self.sites]  # on the device of W_down
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
+        if self.curve_tokens < 1:
+            raise ValueError(f"curve_tokens must be >= 1, got {curve_tokens!r}")
         self.n_tokens = int(_all_reduce(mask.sum().to(torch.float64).to(self.device)).item())
-        import torch.distributed as dist
+        # Fewest blocks on a process and the shortest non-empty block (real tokens), over all processes.
+        real = mask.sum(dim=1)
+        real = real[real > 0]
+        fewest = _all_reduce_min(torch.tensor([float(ids.shape[0]), float(real.min()) if len(real) else math.inf],
+                                              dtype=torch.float64, device=self.device)).tolist()
+        if fewest[0] < 1:  # every process runs the same collectives: one without blocks cannot
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            fewest = torch.tensor(float(ids.shape[0]), device=self.device)
-            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-            if fewest.item() < 1:  # a rank without blocks would wait forever in the hooks' all-reduces
-                raise ValueError(f"a process has no token blocks ({dist.get_world_size()} processes): "
-                                 "use more blocks or fewer processes")
+            raise ValueError(f"a process has no token blocks ({ids.shape[0]} here, {dist.get_world_size()} "
+                             "processes): give every process at least one block (more blocks or fewer processes)")
+        # The guide curves' tokens: about curve_tokens of them, every stride-th real token of
+        # every block (a block of the shortest length still gives one).
+        self.curve_stride = max(1, int(min(math.ceil(self.n_tokens / self.curve_tokens), fewest[1])))
+        self._curve_rows = curve_token_mask(mask, self.curve_stride)[mask.bool()]  # [local real tokens] bool
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0
@@ -177,12 +225,14 @@ class SparsityProbe:
         self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
-    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(ids, mask)`` on the device and the mask on the CPU, batch by batch."""
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
-            yield (self.input_ids[sel].to(self.device, non_blocking=True),
-                   self.attention_mask[sel].to(self.device, non_blocking=True))
+            mask = self.attention_mask[sel]
+            yield (self.input_ids[sel].to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
+                   mask)
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -197,13 +247,13 @@ class SparsityProbe:
              compute_loss: bool = True) -> tuple[float, int]:
         """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
         ``rows`` (for the hooks) is moved to each batch before its forward."""
-        nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # NLL sum, predicted tokens
+        nll, count = sums[0], sums[1]
         bar = self._progress(desc, blocks)
         try:
-            for ids, mask in self._batches(blocks):
+            for ids, mask, cpu_mask in self._batches(blocks):
                 if rows is not None:
-                    rows.next_batch(mask)
+                    rows.next_batch(cpu_mask, self.device)
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
@@ -224,13 +274,12 @@ class SparsityProbe:
         finally:
             if bar is not None:
                 bar.close()
-        _all_reduce(nll)
-        _all_reduce(count)
-        return float(nll), int(count)
+        nll, count = _all_reduce(sums).tolist()
+        return nll, int(count)
 
     def prepare(self) -> SparsityProbe:
         """The dense pass (once): dense PPL, stored activations (memory mode), then the
-        per-layer CETT curves on the first ``curve_tokens`` tokens. With a calibration
+        per-layer CETT curves on the guide tokens (:func:`curve_token_mask`). With a calibration
         probe, only the dense PPL is computed here; thresholds come from the calibration."""
         if self.dense is not None:
             return self
@@ -243,31 +292,24 @@ class SparsityProbe:
             self.dense = PassStats(nll, count)
             self.curve = self.calibration.curve
             return self
-        layers = len(self.sites)
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
         ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
-        cett_sum = torch.zeros(layers, len(self.levels) + 1, dtype=torch.float64, device=self.device)
-        tokens = torch.zeros(layers, 1, dtype=torch.float64, device=self.device)
-        grids: dict[int, torch.Tensor] = {}
-        sketches = {s.index: sketch_weight(s.weight_t().detach(), self.sketch_dim, seed=s.index) for s in self.sites}
+        guide = self._guide_rows_by_batch() if self.mode == "stream" else {}
         rows = TokenRows()
-        finite = torch.ones(layers, dtype=torch.bool, device=self.device)  # checked after the pass
+        finite = torch.ones(len(self.sites), dtype=torch.bool, device=self.device)  # checked after the pass
 
         def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
             i = site.index
             av = rows(a)  # [tokens, d_ff]
             finite[i] &= torch.isfinite(av).all().to(self.device)
             yn = rows(y).float().norm(dim=-1)  # [tokens]
-            if i not in grids:  # the first batch places the grid (quantiles of its norms)
-                grids[i] = self._grid(i, av[: self.curve_tokens])
-            room = self.curve_tokens - int(tokens[i])
-            if room > 0:
-                c, _ = cett_statistics(av[:room], sketches[i], self.col_norms[i], grids[i], yn[:room])
-                cett_sum[i] += c.to(self.device)
-                tokens[i] += min(room, av.shape[0])
             if self.mode == "memory":
                 acts[i].append(av)
                 ynorms[i].append(yn)
+            else:  # keep only the guide tokens' rows (about curve_tokens in all)
+                sel = guide[rows.start, rows.stop]
+                acts[i].append(av.index_select(0, sel.to(av.device)))
+                ynorms[i].append(yn.index_select(0, sel.to(yn.device)))
 
         def check_activations():
             if not bool(finite.all()):
@@ -286,40 +328,67 @@ class SparsityProbe:
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
         self.dense = PassStats(nll, count)
+        a_all = [torch.cat(x) for x in acts]
+        y_all = [torch.cat(x) for x in ynorms]
+        acts.clear()  # the per-batch pieces
+        ynorms.clear()
         if self.mode == "memory":
-            self._acts = [torch.cat(x) for x in acts]
-            self._ynorm = [torch.cat(x) for x in ynorms]
-        _all_reduce(cett_sum)
-        _all_reduce(tokens)
-        grid = torch.stack([grids[s.index].to(self.device) for s in self.sites])  # [layers, K+1]
-        self.curve = CETTCurve(grid.float().cpu(), (cett_sum / tokens.clamp_min(1)).float().cpu())
+            self._acts, self._ynorm = a_all, y_all
+            sel = self._curve_rows.nonzero().squeeze(1)
+            a_all = [a.index_select(0, sel.to(a.device)) for a in a_all]
+            y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
+        self.curve = self._guide_curve(a_all, y_all)
         return self
 
-    def _grid(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        """Candidate thresholds of one layer: 0, then the norm quantiles at which the
-        activation ratio is each of ``levels`` (ascending), from one batch of activations
-        (identical on every process under torch.distributed)."""
-        hist = NormHistogram(1, device=a.device)
-        hist.add(0, neuron_norms(a, self.col_norms[layer]))
+    def _guide_rows_by_batch(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Stream mode: for each batch of :meth:`_run` (keyed by its rows ``start, stop`` among
+        this process's real tokens), the rows of its real tokens that are guide tokens, already on
+        the device (copied before the pass, so the hooks never wait for a copy)."""
+        real = self.attention_mask.sum(dim=1)  # [n_blocks]
+        out, start = {}, 0
+        for b in range(0, len(real), self.batch_size):
+            stop = start + int(real[b:b + self.batch_size].sum())
+            out[start, stop] = self._curve_rows[start:stop].nonzero().squeeze(1).to(self.device)
+            start = stop
+        return out
+
+    def _guide_curve(self, a: list[torch.Tensor], y_norm: list[torch.Tensor]) -> CETTCurve:
+        """Each layer's CETT curve on this process's guide tokens, ``a [tokens, d_ff]`` and
+        ``y_norm [tokens]`` per layer, combined over processes: the grid (0, then the norm
+        quantiles at which the activation ratio is each of ``levels``) from a histogram of the
+        neuron norms (integer counts: the same grid for every split), then the mean CETT at the
+        grid through a ``sketch_dim``-dimensional sketch of ``W_down``. Two all-reduces in all."""
+        hist = NormHistogram(len(self.sites), device=self.device)
+        for site in self.sites:
+            hist.add(site.index, neuron_norms(a[site.index], self.col_norms[site.index]).to(self.device))
         hist.all_reduce()
-        q = hist.quantiles(1 - self.levels)[0].sort().values  # [K]
-        return torch.cat([torch.zeros(1, device=q.device), q])
+        q = hist.quantiles(1 - self.levels).sort(dim=1).values  # [layers, K]
+        grid = torch.cat([torch.zeros(len(self.sites), 1, device=q.device), q], dim=1)  # [layers, K+1]
+        sums = torch.zeros(len(self.sites), grid.shape[1] + 1, dtype=torch.float64, device=self.device)
+        for site in self.sites:
+            i = site.index
+            sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i)
+            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid[i].to(a[i].device), y_norm[i])
+            sums[i, :-1] = c.to(self.device)
+            sums[i, -1] = a[i].shape[0]
+        _all_reduce(sums)  # [layers, K+2]: CETT sums at the grid, then the guide token count
+        cett = sums[:, :-1] / sums[:, -1:].clamp_min(1)
+        return CETTCurve(grid.float().cpu(), cett.float().cpu())
 
     def _cett_sums(self, eps: torch.Tensor, todo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact CETT sums at per-layer thresholds ``eps [layers, M]`` for the layers in
         ``todo [layers]``: ``(cett_sum [layers, M], tokens [layers, 1])`` (float64, CPU,
-        all-reduced). Reads the stored activations when there are some (memory mode, before
-        :meth:`release`); otherwise runs a dense pass and accumulates inside the hooks."""
+        all-reduced: one collective). Reads the stored activations when there are some (memory
+        mode, before :meth:`release`); otherwise runs a dense pass and accumulates inside the hooks.
+        Every layer sees every real token, so ``tokens`` is the probe's token count."""
         layers, m = eps.shape
         cett_sum = torch.zeros(layers, m, dtype=torch.float64, device=self.device)
-        tokens = torch.zeros(layers, 1, dtype=torch.float64, device=self.device)
         self.cett_evaluations += 1
 
         def add(site: FFNSite, a: torch.Tensor, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
             i = site.index
             c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm)
             cett_sum[i] += c.to(self.device)
-            tokens[i] += a.shape[0]
 
         if self._acts is not None:
             for site in self.sites:
@@ -336,8 +405,8 @@ class SparsityProbe:
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
             self.dense_passes += 1
         _all_reduce(cett_sum)
-        _all_reduce(tokens)
-        return cett_sum.cpu(), tokens.clamp_min(1).cpu()
+        tokens = torch.full((layers, 1), float(max(1, self.n_tokens)), dtype=torch.float64)
+        return cett_sum.cpu(), tokens
 
     def layer_cett(self, eps: torch.Tensor) -> torch.Tensor:
         """Exact mean CETT of each layer at thresholds ``eps [layers]`` on all tokens."""

@@ -21,7 +21,7 @@ from .ffn import find_ffn_sites
 from .jsonio import atomic_write_json
 from .rules import CETTRule, Recorder, apply_rule
 
-__all__ = ["PPLPResult", "CheckpointResult", "SparsityReport", "sparse_inference"]
+__all__ = ["CheckpointResult", "PPLPResult", "SparsityReport", "sparse_inference"]
 
 
 @dataclass
@@ -50,6 +50,9 @@ class PPLPResult:
     seconds: float = 0.0
     activation_ratio_ran: float | None = None
     layer_activation_ratio_ran: list[float] | None = None
+    # |d(activation ratio)/d(PPL ratio)| x the search's PPL tolerance, from the evaluated points
+    # nearest the target (None: fewer than two points); see search.activation_uncertainty
+    activation_ratio_uncertainty: float | None = None
 
     @property
     def sparsity_ratio(self) -> float:
@@ -130,16 +133,19 @@ class SparsityReport:
         return cls(**d)
 
     def table(self) -> str:
-        """One row per p; MoE models get a second activation-ratio column, over the experts that ran
-        (the first counts over all expert neurons)."""
+        """One row per ``p``; ``+-`` is the activation-ratio uncertainty the PPL tolerance implies
+        (``?``: fewer than two evaluated points). MoE models get a second activation-ratio column,
+        over the experts that ran (the first counts over all expert neurons)."""
         moe = any(r.activation_ratio_ran is not None for r in self.results)
-        head = (f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} " + (f"{'ran ratio':>10} " if moe else "")
+        head = (f"{'p%':>5} {'CETT':>8} {'act. ratio':>10} {'+-':>7} " + (f"{'ran ratio':>10} " if moe else "")
                 + f"{'PPL dense':>10} {'PPL sparse':>10} {'ratio':>8} ok")
         rows = [head]
         for r in self.results:
+            u = r.activation_ratio_uncertainty
             ran = f"{r.activation_ratio_ran:>10.4f} " if moe else ""
-            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {ran}{r.ppl_dense:>10.4f} "
-                        f"{r.ppl_sparse:>10.4f} {r.ppl_ratio:>8.4f} {'yes' if r.converged else 'NO: ' + r.message}")
+            rows.append(f"{r.p:>5g} {r.cett:>8.4f} {r.activation_ratio:>10.4f} {'?' if u is None else f'{u:.4f}':>7} "
+                        f"{ran}{r.ppl_dense:>10.4f} {r.ppl_sparse:>10.4f} {r.ppl_ratio:>8.4f} "
+                        f"{'yes' if r.converged else 'NO: ' + r.message}")
         if moe:
             rows.append("act. ratio: over all expert neurons of each layer; ran ratio: over the neurons of the "
                         "experts that ran for each token (shared experts in both)")

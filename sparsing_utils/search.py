@@ -23,7 +23,14 @@ from .probe import PassStats, SparsityProbe
 from .results import CheckpointResult, PPLPResult
 from .rules import CETTRule
 
-__all__ = ["EvaluationTable", "Evaluation", "search_ppl_p", "search_checkpoints"]
+__all__ = [
+    "Evaluation",
+    "EvaluationTable",
+    "activation_uncertainty",
+    "check_tol",
+    "search_checkpoints",
+    "search_ppl_p",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +164,41 @@ def _why_not_converged(pts: list[tuple[float, float]], best: tuple[float, float]
             "across the target between neighbouring CETT values; use more tokens")
 
 
+def check_tol(tol: float, p: float | None = None) -> float:
+    """Validate a tolerance on the PPL ratio: a number in ``(0, p/100)`` (``tol >= p/100``
+    would accept the dense model itself)."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a positive number (the tolerance on the PPL ratio, e.g. 1e-3 = 0.1 point), "
+                         f"got {tol!r}")
+    if p is not None and tol >= p / 100.0:
+        raise ValueError(f"tol={tol:g} is not below p/100 = {p / 100:g}: it would accept the dense model as PPL-{p:g}%; "
+                         "use a smaller tol (e.g. 1e-3 = 0.1 point)")
+    return float(tol)
+
+
+def activation_uncertainty(points: Sequence[tuple[float, float, float]], target: float, tol: float) -> float | None:
+    """How precisely a PPL tolerance pins the activation ratio: ``|d(activation ratio) / d(PPL
+    ratio)| * tol``, any answer whose PPL ratio is within ``tol`` of ``target`` having an
+    activation ratio within about this much of the reported one.
+
+    ``points`` are evaluated ``(c, PPL ratio, activation ratio)``; the slope is the chord between
+    the evaluated points nearest the target on either side (largest ``c`` below it, smallest at
+    or above it), else between the two whose PPL ratios are nearest the target. ``None`` when
+    fewer than two points with different PPL ratios were evaluated.
+    """
+    below = [q for q in points if q[1] < target]
+    above = [q for q in points if q[1] >= target]
+    if below and above:
+        pair = [max(below), min(above)]
+    else:
+        near = sorted(points, key=lambda q: abs(q[1] - target))
+        pair = near[:1] + [q for q in near[1:] if q[1] != near[0][1]][:1]
+    if len(pair) < 2 or pair[0][1] == pair[1][1]:
+        return None
+    (_, r0, a0), (_, r1, a1) = pair
+    return abs((a1 - a0) / (r1 - r0)) * tol
+
+
 def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, tol: float = 1e-3,
                  c_start: float = 0.1, c_max: float = 0.999, max_steps: int = 24,
                  evaluations: EvaluationTable | None = None) -> PPLPResult | CheckpointResult:
@@ -165,12 +207,16 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     One probe: returns a :class:`PPLPResult`. A list of probes (checkpoints of one training
     run): one ``c`` for all, so that the *average* PPL ratio is ``1 + p/100`` (Algorithm 1),
     returned as a :class:`CheckpointResult`. ``tol`` is on the ratio (1e-3 = 0.1 percentage
-    point). Every step uses exact thresholds (each layer's mean CETT within 1e-4 of ``c``
-    on all tokens), found from the CETT curves plus the exact points of earlier steps.
+    point, in ``(0, p/100)``); each result reports the activation-ratio uncertainty it implies
+    (:func:`activation_uncertainty`); a smaller ``tol`` pins it more tightly at the cost of more
+    sparse passes (the PPL ratio's noise at the token budget sets the floor). Every step uses
+    exact thresholds (each layer's mean CETT within 1e-4 of ``c`` on all tokens), found from
+    the CETT curves plus the exact points of earlier steps.
     ``evaluations`` shares evaluated points between calls on the same probes.
     """
     if not (isinstance(p, (int, float)) and 0 < p < 100 and math.isfinite(p)):
         raise ValueError(f"p must be a percentage in (0, 100), got {p!r} (e.g. 1 for PPL-1%)")
+    check_tol(tol, p)
     single = isinstance(probes, SparsityProbe)
     plist = [probes] if single else list(probes)
     if not plist:
@@ -202,13 +248,16 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     elapsed = time.perf_counter() - start
     passes = sum(pr.sparse_passes for pr in plist) - passes_before
     results = []
-    for probe, s, eps, cett in zip(plist, chosen.stats, chosen.thresholds, chosen.layer_cett):
+    for k, (probe, s, eps, cett) in enumerate(zip(plist, chosen.stats, chosen.thresholds, chosen.layer_cett)):
+        spread = activation_uncertainty([(e.c, e.ratio, e.stats[k].activation_ratio)
+                                         for e in table.evaluations.values()], target, tol)
         results.append(PPLPResult(
             p=float(p), cett=float(chosen.c), activation_ratio=s.activation_ratio, ppl_dense=probe.dense.ppl,
             ppl_sparse=s.ppl, ppl_ratio=s.ppl / probe.dense.ppl, thresholds=eps.tolist(),
             layer_activation_ratio=s.layer_active.tolist(), layer_cett=cett.tolist(),
             token_activation_ratio=s.token_active.tolist() if s.token_active is not None else [],
             converged=ok, message=msg, sparse_passes=passes, seconds=elapsed,
+            activation_ratio_uncertainty=spread,
             activation_ratio_ran=s.activation_ratio_ran,
             layer_activation_ratio_ran=s.layer_active_ran.tolist() if s.layer_active_ran is not None else None))
     if single:

@@ -156,12 +156,13 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
 
     from .checkpoints import list_checkpoints, load_checkpoint_model
     from .jsonio import atomic_write_json
+    from .measure import check_search_options
     from .shards import open_corpus
     from .training import code_version, load_run_config
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    su.check_p_values([p])
+    check_search_options([p], tol)
     cfg, saved = load_run_config(run_dir)
     ckpts = list_checkpoints(run_dir)  # every checkpoint is checked here: a corrupt one stops us before any work
     if not ckpts:

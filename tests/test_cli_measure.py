@@ -80,6 +80,20 @@ def test_bad_p_returns_2_and_writes_nothing(tmp_path, capsys, p):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(("tol", "message"), [
+    ("0", "tol must be a positive number"), ("-1e-3", "tol must be a positive number"),
+    ("nan", "tol must be a positive number"), ("inf", "tol must be a positive number"),
+    ("0.01", r"tol=0.01 is not below p/100 = 0.01: it would accept the dense model as PPL-1%"),
+])
+def test_bad_tol_returns_2_before_any_model_work(tmp_path, capsys, tol, message):
+    out = tmp_path / "result.json"
+    rc, _, err = measure(["--model", "no/such-model-anywhere", "--p", "5", "1", f"--tol={tol}", "--out", out], capsys)
+    assert rc == 2
+    assert err.startswith("sparsing measure: error: ") and re.search(message, err), err
+    assert "hub" not in err  # refused before the (missing) model is looked up
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
 def test_p_not_a_number_is_an_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["measure", "--p", "one", "--out", str(tmp_path / "x.json")])
@@ -157,6 +171,23 @@ def test_cli_end_to_end_tiny(tmp_path, capsys, trained_dir, markov_file):
     assert "1024 tokens" in stdout and f"written: {out}" in stdout
     assert stdout.count("yes") == 2
     assert sorted(os.listdir(out.parent)) == ["result.json"]
+    # how precisely the tolerance pins each activation ratio: in the JSON and the table's +- column
+    header = next(line for line in stdout.splitlines() if "act. ratio" in line)
+    assert header.split()[3:5] == ["ratio", "+-"]
+    for r in data["results"]:
+        u = r["activation_ratio_uncertainty"]
+        assert u is not None and 0 < u < 0.1
+        assert f"{r['activation_ratio']:.4f} {u:.4f}" in " ".join(stdout.split())
+
+
+def test_cli_tighter_tolerance(tmp_path, capsys, trained_dir, markov_file):
+    out = tmp_path / "tight.json"
+    rc, _, err = measure(["--model", trained_dir, "--text", markov_file, "--tokens", 1024, "--block-len", 64,
+                          "--p", 5, "--tol", "3e-4", "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    data = check_report(out, [5], n_layers=2, tol=3e-4)
+    assert data["extra"]["tol"] == 3e-4
+    assert data["results"][0]["activation_ratio_uncertainty"] > 0
 
 
 def test_cli_stream_mode_and_calibration_split(tmp_path, capsys, trained_dir, markov_file):

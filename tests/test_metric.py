@@ -34,7 +34,12 @@ from sparsing_utils.results import (
     sparse_inference,
 )
 from sparsing_utils.rules import CETTRule, apply_rule
-from sparsing_utils.search import EvaluationTable, search_checkpoints, search_ppl_p
+from sparsing_utils.search import (
+    EvaluationTable,
+    activation_uncertainty,
+    search_checkpoints,
+    search_ppl_p,
+)
 
 D_FF = 37
 
@@ -166,6 +171,48 @@ def test_more_ppl_loss_means_more_sparsity(searched):
     assert r5.cett > r1.cett
     assert r5.activation_ratio < r1.activation_ratio
     assert all(t5 > t1 for t1, t5 in zip(r1.thresholds, r5.thresholds))
+
+
+def chord_uncertainty(rows: list[dict], target: float, tol: float) -> float:
+    """The test's own |d activation / d PPL ratio| x tol between the evaluated points nearest
+    the target on either side (largest c below it, smallest c at or above it)."""
+    lo = max((r for r in rows if r["ppl_ratio"] < target), key=lambda r: r["c"])
+    hi = min((r for r in rows if r["ppl_ratio"] >= target), key=lambda r: r["c"])
+    return abs((hi["activation_ratio"] - lo["activation_ratio"]) / (hi["ppl_ratio"] - lo["ppl_ratio"])) * tol
+
+
+def test_activation_uncertainty_and_a_tighter_tolerance(trained_llama):
+    """Each result says how precisely the PPL tolerance pins its activation ratio (issue 10):
+    the chord between the bracketing evaluated points times ``tol``. A tighter ``tol`` lands
+    within it and pins the activation ratio to a proportionally smaller band."""
+    pr = SparsityProbe(trained_llama.model, trained_llama.blocks(), name="tol")
+    loose_table, tight_table = EvaluationTable([pr]), EvaluationTable([pr])
+    loose = search_ppl_p(pr, 5, evaluations=loose_table)
+    tight = search_ppl_p(pr, 5, tol=3e-4, evaluations=tight_table)
+    for r, table, tol in ((loose, loose_table, 1e-3), (tight, tight_table, 3e-4)):
+        assert r.converged and abs(r.ppl_ratio - 1.05) <= tol, (tol, r.ppl_ratio)
+        expected = chord_uncertainty(table.rows(), 1.05, tol)
+        assert r.activation_ratio_uncertainty == pytest.approx(expected, rel=1e-9)
+        assert 0 < r.activation_ratio_uncertainty < 0.05
+        assert r.to_dict()["activation_ratio_uncertainty"] == r.activation_ratio_uncertainty
+    assert tight.activation_ratio_uncertainty < loose.activation_ratio_uncertainty
+
+
+def test_activation_uncertainty_rules():
+    # (c, PPL ratio, activation ratio); target 1.01, tol 1e-3
+    pts = [(0.05, 1.002, 0.70), (0.10, 1.008, 0.60), (0.20, 1.030, 0.40), (0.12, 1.0105, 0.58)]
+    # bracket: largest c below (0.10) and smallest c at or above (0.12): |(-0.02) / 0.0025| x 1e-3
+    assert activation_uncertainty(pts, 1.01, 1e-3) == pytest.approx(0.008)
+    # no point above: the two nearest in PPL ratio, 1.008 and 1.002
+    assert activation_uncertainty(pts[:2], 1.01, 1e-3) == pytest.approx(0.1 / 0.006 * 1e-3)
+    assert activation_uncertainty(pts[:1], 1.01, 1e-3) is None  # one point: no slope
+    assert activation_uncertainty([(0.1, 1.0, 0.6), (0.2, 1.0, 0.5)], 1.01, 1e-3) is None  # flat ratio
+
+
+@pytest.mark.parametrize("tol", [0, -1e-3, float("nan"), float("inf"), 0.01, 0.5, "1e-3", True])
+def test_bad_tol(probe, tol):
+    with pytest.raises(ValueError, match="tol"):
+        search_ppl_p(probe, 1, tol=tol)
 
 
 def test_dense_pass_computed_once(probe, searched):
