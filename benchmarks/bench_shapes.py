@@ -132,6 +132,7 @@ def build_model(name: str, device, dtype, seed: int, block_len: int):
 def _summary(res, probe, wall: float, fwd_s: float) -> dict:
     cett_err = max(abs(x - res.cett) for x in res.layer_cett)
     return {"wall_s": wall, "forward_equivalents": wall / fwd_s, "sparse_passes": probe.sparse_passes,
+            "partial_passes": getattr(probe, "partial_passes", 0),
             "dense_passes": probe.dense_passes, "cett_evaluations": probe.cett_evaluations, "cett": res.cett,
             "activation_ratio": res.activation_ratio, "ppl_ratio": res.ppl_ratio, "max_abs_cett_error": cett_err,
             "converged": res.converged, "message": res.message}
@@ -192,7 +193,7 @@ def run_child(args) -> dict:
             prof.enable()
         probe = SparsityProbe(model, blocks, mode=mode, batch_size=batch, name=args.child)
         table = EvaluationTable([probe])
-        res = search_ppl_p(probe, args.p, tol=args.tol, evaluations=table)
+        res = search_ppl_p(probe, args.p, tol=args.tol, evaluations=table, guess=not args.no_guess)
         bs.sync(device)
         wall = time.perf_counter() - t
         if prof is not None:
@@ -203,7 +204,7 @@ def run_child(args) -> dict:
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
             pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
-            out["profile_first_call"] = s.getvalue()
+            out[f"profile_{label.replace(' ', '_')}"] = s.getvalue()
         row = _summary(res, probe, wall, fwd_s)
         row["points"] = table.rows()
         bs.log(f"{args.child} {label}: {row['sparse_passes']} sparse + {row['dense_passes']} dense passes, "
@@ -212,7 +213,7 @@ def run_child(args) -> dict:
         return row, probe
 
     out["first"], _ = project("memory", "first call", profile=args.profile)
-    out["second"], probe = project("memory", "second call")
+    out["second"], _ = project("memory", "second call", profile=args.profile)
     if "stream" in args.modes:
         out["stream"], _ = project("stream", "stream")
     if args.grid:
@@ -244,8 +245,8 @@ def run_child(args) -> dict:
 
 
 def table(rows: list[dict], target: float) -> str:
-    lines = ["| shape | params | fwd ms | call | sparse passes | dense passes | wall s | fwd-eq | c | act. ratio "
-             "| PPL ratio | max abs(CETT - c) |",
+    lines = [("| shape | params | fwd ms | call | sparse passes | dense passes | wall s | fwd-eq | c | act. ratio "
+              "| PPL ratio | max abs(CETT - c) |"),
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r or "error" in r:
@@ -261,7 +262,8 @@ def table(rows: list[dict], target: float) -> str:
                     if first else "| | | ")
             first = False
             flag = "" if x["converged"] and abs(x["ppl_ratio"] - target) <= 1e-3 + 1e-12 else " (off target)"
-            lines.append(f"{head}| {call}{flag} | {x['sparse_passes']} | {x['dense_passes']} | {x['wall_s']:.3f} "
+            partial = f" + {x['partial_passes']} partial" if x.get("partial_passes") else ""
+            lines.append(f"{head}| {call}{flag} | {x['sparse_passes']}{partial} | {x['dense_passes']} | {x['wall_s']:.3f} "
                          f"| {x['forward_equivalents']:.1f} | {x['cett']:.5f} | {x['activation_ratio']:.4f} "
                          f"| {x['ppl_ratio']:.5f} | {x['max_abs_cett_error']:.1e} |")
     return "\n".join(lines)
@@ -288,6 +290,8 @@ def parse_args(argv=None):
     ap.add_argument("--outer-tol", type=float, default=1e-6, help="reference's outer bisection width (default 1e-6)")
     ap.add_argument("--modes", default="memory,stream", help="memory (always) and/or stream")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--no-guess", action="store_true",
+                    help="the project's search without the first guess from partial passes (starts at c = 0.1)")
     ap.add_argument("--data", choices=["self", "random"], default="self",
                     help="tokens sampled from each random model (default) or uniform ids")
     ap.add_argument("--blocks", type=int, default=None, help="token blocks (default 8 on cuda, 16 on cpu)")
@@ -295,7 +299,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed plain forwards (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of each child")
-    ap.add_argument("--profile", action="store_true", help="cProfile the first call (top 30 by own time, in the JSON)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first and second calls (in the JSON)")
     ap.add_argument("--grid", type=int, default=0, help="also the PPL ratio at this many c in [0.01, 0.6]")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per shape")
     ap.add_argument("--out", default=None, help="all results as JSON (written atomically)")

@@ -94,6 +94,8 @@ class PassStats:
     n_predicted: int
     layer_active: torch.Tensor | None = None  # [layers] activated fraction
     layer_token_active: torch.Tensor | None = None  # [layers, tokens] activated fraction (float16)
+    # [blocks run here, block_len - 1] next-token NLL (0 at padding), this process's blocks only
+    token_nll: torch.Tensor | None = None
 
     @property
     def ppl(self) -> float:
@@ -164,18 +166,20 @@ class SparsityProbe:
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0
+        self.partial_passes = 0  # sparse passes over the first tokens of every block (the search's first guess)
         self.dense_passes = 0
         self.cett_evaluations = 0
         self._threshold_cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
-    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, blocks: Sequence[int] | None = None,
+                 prefix: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
-            yield (self.input_ids[sel].to(self.device, non_blocking=True),
-                   self.attention_mask[sel].to(self.device, non_blocking=True))
+            yield (self.input_ids[sel, :prefix].to(self.device, non_blocking=True),
+                   self.attention_mask[sel, :prefix].to(self.device, non_blocking=True))
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -187,14 +191,17 @@ class SparsityProbe:
 
     @torch.no_grad()
     def _run(self, desc: str, rows: TokenRows | None = None, blocks: Sequence[int] | None = None,
-             compute_loss: bool = True) -> tuple[float, int]:
+             compute_loss: bool = True, token_nll: list[torch.Tensor] | None = None,
+             prefix: int | None = None) -> tuple[float, int]:
         """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
-        ``rows`` (for the hooks) is moved to each batch before its forward."""
+        ``rows`` (for the hooks) is moved to each batch before its forward; ``token_nll``, when
+        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding); ``prefix``
+        runs only the first ``prefix`` tokens of every block."""
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         bar = self._progress(desc, blocks)
         try:
-            for ids, mask in self._batches(blocks):
+            for ids, mask in self._batches(blocks, prefix):
                 if rows is not None:
                     rows.next_batch(mask)
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -209,6 +216,8 @@ class SparsityProbe:
                         raise FloatingPointError(
                             f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
                             "on this text; load it in float32 (dtype='float32') or check the input ids")
+                    if token_nll is not None:
+                        token_nll.append(loss)
                     nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
                     count += valid.sum().to(self.device)
                 del out
@@ -229,11 +238,12 @@ class SparsityProbe:
             return self
         if self.calibration is not None:
             self.calibration.prepare()
-            nll, count = self._run(f"dense pass ({self.name})")
+            token_nll: list[torch.Tensor] = []
+            nll, count = self._run(f"dense pass ({self.name})", token_nll=token_nll)
             self.dense_passes += 1
             if count == 0:
                 raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
-            self.dense = PassStats(nll, count)
+            self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
             self.curve = self.calibration.curve
             return self
         layers = len(self.sites)
@@ -268,9 +278,10 @@ class SparsityProbe:
                 raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
                                          "this input; load it in float32 (dtype='float32') or check the input ids")
 
+        token_nll: list[torch.Tensor] = []
         try:
             with read_activations(self.model, read, sites=self.sites, with_output=True):
-                nll, count = self._run(f"dense pass ({self.name})", rows)
+                nll, count = self._run(f"dense pass ({self.name})", rows, token_nll=token_nll)
         except FloatingPointError:
             check_activations()  # name the first layer that went non-finite, if one did
             raise
@@ -278,7 +289,7 @@ class SparsityProbe:
         check_activations()
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
-        self.dense = PassStats(nll, count)
+        self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
         if self.mode == "memory":
             self._acts = [torch.cat(x) for x in acts]
             self._ynorm = [torch.cat(x) for x in ynorms]
@@ -407,12 +418,20 @@ class SparsityProbe:
         c = torch.where(missing, self.curve.cett[:, :1].expand_as(c), c)
         return self.curve.add_points(e, c)
 
-    def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True) -> PassStats:
-        """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded)."""
+    def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True, prefix: int | None = None) -> PassStats:
+        """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded).
+
+        ``prefix`` runs only the first ``prefix`` tokens of every block: a partial pass (about
+        ``prefix / block_len`` of a full one, counted in :attr:`partial_passes`), whose
+        statistics are over those tokens. A causal model predicts them exactly as in the full
+        blocks, so the dense pass's :attr:`PassStats.token_nll` ``[:, :prefix - 1]`` is their
+        dense loss; the tokens do not depend on how blocks are split between processes."""
         self.prepare()
         layers = len(self.sites)
         active = torch.zeros(layers, dtype=torch.float64, device=self.device)
-        local_tokens = int(self.attention_mask.sum())
+        local_tokens = int(self.attention_mask[:, :prefix].sum())
+        n_tokens = self.n_tokens if prefix is None else int(_all_reduce(
+            torch.tensor(float(local_tokens), dtype=torch.float64, device=self.device)).item())
         per_tok = torch.zeros(layers, local_tokens, dtype=torch.float32, device=self.device) if per_token else None
         rows = TokenRows()
 
@@ -423,13 +442,18 @@ class SparsityProbe:
                 per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
+        token_nll: list[torch.Tensor] = []
         with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
-            nll, count = self._run(f"sparse pass ({self.name})", rows)
-        self.sparse_passes += 1
+            nll, count = self._run(f"sparse pass ({self.name})", rows, prefix=prefix, token_nll=token_nll)
+        if prefix is None:
+            self.sparse_passes += 1
+        else:
+            self.partial_passes += 1
         _all_reduce(active)
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
-        layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
-        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None)
+        layer_active = (active / (n_tokens * d_ff)).float().cpu()
+        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None,
+                         token_nll=torch.cat(token_nll).float().cpu())
 
     def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
         """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the

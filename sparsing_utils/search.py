@@ -6,6 +6,12 @@ in the models tried, so the search is a secant in log-log space on the evaluated
 (:func:`search_ppl_p`). Each evaluated ``c`` costs exact thresholds on every probe
 (:meth:`~sparsing_utils.probe.SparsityProbe.thresholds_for`) and one sparse pass; an
 :class:`EvaluationTable` keeps them, so several ``p`` values share their points.
+
+The first guess (:func:`first_guess`) is found on the cheap: the same secant on *partial*
+sparse passes over the first quarter of every block (a quarter of a pass each, thresholds
+read off the CETT curves), stopped once the step is small or the target is within the
+partial ratio's standard error (from the per-token losses). The full, exact steps then
+start near the answer, with the slope the partial passes measured.
 Algorithm 1 (one ``c`` for all checkpoints of a run, so that the *mean* PPL ratio is
 ``1 + p/100``) is the same search over a list of probes (:func:`search_checkpoints`).
 """
@@ -19,11 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .probe import PassStats, SparsityProbe
+from .probe import PassStats, SparsityProbe, _all_reduce
 from .results import CheckpointResult, PPLPResult
 from .rules import CETTRule
 
-__all__ = ["EvaluationTable", "Evaluation", "search_ppl_p", "search_checkpoints"]
+__all__ = ["Evaluation", "EvaluationTable", "first_guess", "partial_ratio", "scout_prefix", "search_checkpoints",
+           "search_ppl_p"]
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +99,11 @@ def _log_excess(r: float) -> float:
     return math.log(max(r - 1.0, 1e-7))
 
 
-def _loglog_slope(points: list[tuple[float, float]], target: float) -> float:
+def _loglog_slope(points: list[tuple[float, float]], target: float, prior: float = 3.0) -> float:
     """Slope of log(ratio - 1) against log(c), by least squares over the evaluated points whose
     excess is at least a quarter of the target's (below that the PPL ratio is mostly noise);
-    3 when fewer than two such points (PPL excess grows about like c^3 in the models tried)."""
+    ``prior`` when fewer than two such points (3 by default: PPL excess grows about like c^3
+    in the models tried; the first guess passes the slope its partial passes measured)."""
     want = target - 1.0
     xy = [(math.log(c), math.log(r - 1.0)) for c, r in points if r - 1.0 >= 0.25 * want]
     if len(xy) >= 2:
@@ -106,10 +114,10 @@ def _loglog_slope(points: list[tuple[float, float]], target: float) -> float:
             slope = sum((x - mx) * (y - my) for x, y in xy) / sxx
             if 0.5 < slope < 10:
                 return slope
-    return 3.0
+    return prior
 
 
-def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> float | None:
+def _next_c(points: list[tuple[float, float]], target: float, c_max: float, prior: float = 3.0) -> float | None:
     """Next CETT to try on the monotone (but bumpy) PPL-vs-CETT relation.
 
     Newton-like step in log-log space from the evaluated point nearest the target, with the
@@ -124,7 +132,7 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float) -> f
         c = max(c for c, _ in points)
         return None if c >= c_max else min(c_max, 4.0 * c)
     c0, r0 = min(positive, key=lambda cr: abs(_log_excess(cr[1]) - y_star))
-    x = math.log(c0) + (y_star - _log_excess(r0)) / _loglog_slope(points, target)
+    x = math.log(c0) + (y_star - _log_excess(r0)) / _loglog_slope(points, target, prior)
     if below and above:
         x0, x1 = math.log(max(below)[0]), math.log(min(above)[0])
         if x1 - x0 < 1e-9:
@@ -155,9 +163,88 @@ def _why_not_converged(pts: list[tuple[float, float]], best: tuple[float, float]
             "across the target between neighbouring CETT values; use more tokens")
 
 
+# The first guess: partial passes over the first SCOUT_FRACTION of every block, used when
+# they hold at least MIN_SCOUT_TOKENS tokens (fewer give a PPL ratio too noisy to steer by).
+SCOUT_FRACTION = 0.25
+MIN_SCOUT_TOKENS = 1024
+MAX_SCOUTS = 4
+SCOUT_STEP = 0.03  # stop when the next partial step would move c by less than 3%
+
+
+def scout_prefix(probes: Sequence[SparsityProbe]) -> int | None:
+    """Tokens per block of the first guess's partial passes (a quarter of each block, at
+    least 16), or ``None`` when they would hold fewer than :data:`MIN_SCOUT_TOKENS` tokens
+    on some probe, or more than half of its tokens."""
+    prefixes = []
+    for probe in probes:
+        block_len = probe.input_ids.shape[1]
+        prefix = max(16, math.ceil(SCOUT_FRACTION * block_len))
+        if 2 * prefix > block_len or probe.n_tokens * prefix / block_len < MIN_SCOUT_TOKENS:
+            return None
+        prefixes.append(prefix)
+    return max(prefixes)
+
+
+def partial_ratio(probes: Sequence[SparsityProbe], c: float, prefix: int) -> tuple[float, float]:
+    """Mean over probes of the sparse/dense PPL ratio on the first ``prefix`` tokens of every
+    block at CETT ``c`` (thresholds interpolated on the CETT curves, one partial pass each),
+    and the standard error of its log: ``(ratio, se)``.
+
+    The standard error is that of the mean per-token loss difference (sparse - dense) over
+    those tokens, all-reduced under ``torch.distributed``; tokens are treated as independent."""
+    ratios, variances = [], []
+    for probe in probes:
+        eps, _ = probe.thresholds_for(c, exact=False)
+        st = probe.sparse_pass(CETTRule(eps), per_token=False, prefix=prefix)
+        dense = probe.dense.token_nll[:, : prefix - 1]  # [blocks, prefix - 1]; 0 at padding
+        mask = probe.attention_mask[:, :prefix]
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        diff = torch.where(valid, st.token_nll.double() - dense.double(), torch.zeros((), dtype=torch.float64))
+        sums = torch.stack([diff.sum(), (diff * diff).sum(), valid.sum().double()]).to(probe.device)
+        d1, d2, n = (float(x) for x in _all_reduce(sums).cpu())
+        mean = d1 / max(n, 1.0)
+        var = max(d2 / max(n, 1.0) - mean * mean, 0.0) / max(n - 1.0, 1.0)
+        ratios.append(math.exp(mean))
+        variances.append(var)
+    k = len(probes)
+    return sum(ratios) / k, math.sqrt(sum(variances)) / k
+
+
+def first_guess(probes: Sequence[SparsityProbe], target: float, *, c_start: float = 0.1, c_max: float = 0.999,
+                prefix: int | None = None) -> tuple[float, float, list[tuple[float, float, float]]]:
+    """A first guess of the CETT whose PPL ratio is ``target``, from partial passes.
+
+    The log-log secant of :func:`_next_c` on partial PPL ratios (:func:`partial_ratio`) from
+    ``c_start``; stops after :data:`MAX_SCOUTS` passes, when the next step would move ``c`` by
+    less than :data:`SCOUT_STEP`, or when the target is within one standard error of the last
+    ratio (the partial passes cannot place it better). Returns ``(c, slope, [(c, ratio, se)])``:
+    the slope of log(ratio - 1) against log(c) that the partial points give (3 if they give none).
+    """
+    prefix = prefix or scout_prefix(probes)
+    if prefix is None:
+        raise ValueError("too few tokens per block for partial passes: use scout_prefix(probes) first")
+    pts: list[tuple[float, float, float]] = []
+    c = c_start
+    for _ in range(MAX_SCOUTS):
+        r, se = partial_ratio(probes, c, prefix)
+        pts.append((c, r, se))
+        log.info("first guess: CETT %.6g, partial PPL ratio %.5f (se of log %.5f)", c, r, se)
+        if abs(math.log(r) - math.log(target)) <= se:
+            break
+        nxt = _next_c([(q, x) for q, x, _ in pts], target, c_max)
+        if nxt is None:
+            break
+        step = abs(math.log(nxt / c))
+        c = nxt
+        if step < SCOUT_STEP:
+            break
+    slope = _loglog_slope([(q, x) for q, x, _ in pts], target)
+    return c, slope, pts
+
+
 def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, tol: float = 1e-3,
                  c_start: float = 0.1, c_max: float = 0.999, max_steps: int = 24,
-                 evaluations: EvaluationTable | None = None) -> PPLPResult | CheckpointResult:
+                 evaluations: EvaluationTable | None = None, guess: bool = True) -> PPLPResult | CheckpointResult:
     """Find the CETT ``c`` at which the (mean) sparse/dense PPL ratio is ``1 + p/100``.
 
     One probe: returns a :class:`PPLPResult`. A list of probes (checkpoints of one training
@@ -165,7 +252,10 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     returned as a :class:`CheckpointResult`. ``tol`` is on the ratio (1e-3 = 0.1 percentage
     point). Every step uses exact thresholds (each layer's mean CETT within 1e-4 of ``c``
     on all tokens), found from the CETT curves plus the exact points of earlier steps.
-    ``evaluations`` shares evaluated points between calls on the same probes.
+    ``evaluations`` shares evaluated points between calls on the same probes. With no
+    evaluated point yet, the first exact step is at :func:`first_guess` (partial passes from
+    ``c_start``) when the blocks are long and many enough (:func:`scout_prefix`), else at
+    ``c_start``; ``guess=False`` always starts at ``c_start``.
     """
     if not (isinstance(p, (int, float)) and 0 < p < 100 and math.isfinite(p)):
         raise ValueError(f"p must be a percentage in (0, 100), got {p!r} (e.g. 1 for PPL-1%)")
@@ -183,13 +273,18 @@ def search_ppl_p(probes: SparsityProbe | Sequence[SparsityProbe], p: float, *, t
     passes_before = sum(pr.sparse_passes for pr in plist)
 
     pts = table.points()
+    slope = 3.0
     if not pts:
-        pts.append((c_start, table.ratio(c_start)))
+        prefix = scout_prefix(plist) if guess else None
+        c0 = c_start
+        if prefix is not None:
+            c0, slope, _ = first_guess(plist, target, c_start=c_start, c_max=c_max, prefix=prefix)
+        pts.append((c0, table.ratio(c0)))
     best = min(pts, key=lambda cr: abs(cr[1] - target))
     for _ in range(max_steps):
         if abs(best[1] - target) <= tol:
             break
-        c = _next_c(pts, target, c_max)
+        c = _next_c(pts, target, c_max, slope)
         if c is None or any(abs(c - q) <= 1e-12 * max(1.0, q) for q, _ in pts):
             break
         pts.append((c, table.ratio(c)))
