@@ -117,12 +117,49 @@ def _loglog_slope(points: list[tuple[float, float]], target: float, prior: float
     return prior
 
 
+# The step rule's regression (see _next_c): a point's weight halves at NEAR in log excess from
+# the target's; the prior slope weighs like a point pair with log-c spread 0.1 (sd 1 for
+# log-excess noise 0.1); inside a bracket narrower than NARROW in log c the PPL ratio's bumps
+# dominate, and MAX_NARROW trials there end the search (the ratio jumps across the target).
+NEAR = 0.5
+SLOPE_PRIOR_WEIGHT = 0.01
+NARROW = 0.02
+MAX_NARROW = 6
+
+
+def _crossing(points: list[tuple[float, float]], target: float, prior: float) -> float | None:
+    """log(c) where a straight line in log-log space, fitted to every evaluated point that
+    shows degradation, reaches the target: weighted least squares of log(ratio - 1) on log(c),
+    weights ``1 / (1 + (distance from the target's log excess / NEAR)^2)``, slope shrunk
+    towards ``prior``. A point's bump then moves the answer by its weight's share only, where
+    a secant through the two nearest points would follow it. ``None`` without such points."""
+    y_star = math.log(target - 1.0)
+    data = []
+    for c, r in points:
+        if r - 1.0 >= 0.1 * (target - 1.0):
+            y = math.log(r - 1.0)
+            data.append((math.log(c), y, 1.0 / (1.0 + ((y - y_star) / NEAR) ** 2)))
+    if not data:
+        return None
+    w_sum = sum(w for _, _, w in data)
+    mx = sum(w * x for x, _, w in data) / w_sum
+    my = sum(w * y for _, y, w in data) / w_sum
+    sxx = sum(w * (x - mx) ** 2 for x, _, w in data)
+    sxy = sum(w * (x - mx) * (y - my) for x, y, w in data)
+    slope = min(10.0, max(0.5, (sxy + SLOPE_PRIOR_WEIGHT * prior) / (sxx + SLOPE_PRIOR_WEIGHT)))
+    return mx + (y_star - my) / slope
+
+
 def _next_c(points: list[tuple[float, float]], target: float, c_max: float, prior: float = 3.0) -> float | None:
     """Next CETT to try on the monotone (but bumpy) PPL-vs-CETT relation.
 
-    Newton-like step in log-log space from the evaluated point nearest the target, with the
-    slope fitted to all useful points (:func:`_loglog_slope`); kept strictly inside the
-    bracket (else the bracket's log-midpoint), and at most a factor 10 per step outside one.
+    The crossing of the line fitted to every evaluated point (:func:`_crossing`); before any
+    point is within a tenth of the target's excess, a Newton step from the nearest point with
+    the fitted (or prior) slope. Inside a bracket at least :data:`NARROW` wide (in log c) the
+    step stays strictly inside it (else the log-midpoint); outside one it moves at most a
+    factor 10. In a narrower or inconsistent bracket (bumps of the ratio larger than the
+    tolerance) the fitted crossing is tried as it is, nudged off points already evaluated,
+    at most :data:`MAX_NARROW` times. ``None``: nothing left to try.
     """
     below = [(c, r) for c, r in points if r < target]
     above = [(c, r) for c, r in points if r >= target]
@@ -132,14 +169,23 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float, prio
         c = max(c for c, _ in points)
         return None if c >= c_max else min(c_max, 4.0 * c)
     c0, r0 = min(positive, key=lambda cr: abs(_log_excess(cr[1]) - y_star))
-    x = math.log(c0) + (y_star - _log_excess(r0)) / _loglog_slope(points, target, prior)
+    x = _crossing(points, target, prior)
+    if x is None:
+        x = math.log(c0) + (y_star - _log_excess(r0)) / _loglog_slope(points, target, prior)
     if below and above:
         x0, x1 = math.log(max(below)[0]), math.log(min(above)[0])
-        if x1 - x0 < 1e-9:
+        if x1 - x0 >= NARROW:
+            margin = 0.05 * (x1 - x0)
+            if not x0 + margin <= x <= x1 - margin:
+                x = 0.5 * (x0 + x1)
+            return math.exp(x)
+        # bumps: the fitted crossing, within NARROW of the bracket, off the points tried
+        x = min(max(x, min(x0, x1) - NARROW), max(x0, x1) + NARROW)
+        tried = sorted(math.log(c) for c, _ in points)
+        if sum(abs(t - x) <= NARROW for t in tried) >= MAX_NARROW:
             return None
-        margin = 0.05 * (x1 - x0)
-        if not x0 + margin <= x <= x1 - margin:
-            x = 0.5 * (x0 + x1)
+        while any(abs(t - x) < 0.1 * NARROW for t in tried):
+            x += 0.1 * NARROW if x >= 0.5 * (x0 + x1) else -0.1 * NARROW
         return math.exp(x)
     x = max(math.log(c0) - math.log(10.0), min(math.log(c0) + math.log(10.0), x))
     if below and x <= math.log(max(below)[0]):
