@@ -132,7 +132,6 @@ def build_model(name: str, device, dtype, seed: int, block_len: int):
 def _summary(res, probe, wall: float, fwd_s: float) -> dict:
     cett_err = max(abs(x - res.cett) for x in res.layer_cett)
     return {"wall_s": wall, "forward_equivalents": wall / fwd_s, "sparse_passes": probe.sparse_passes,
-            "partial_passes": getattr(probe, "partial_passes", 0),
             "dense_passes": probe.dense_passes, "cett_evaluations": probe.cett_evaluations, "cett": res.cett,
             "activation_ratio": res.activation_ratio, "ppl_ratio": res.ppl_ratio, "max_abs_cett_error": cett_err,
             "converged": res.converged, "message": res.message}
@@ -193,7 +192,7 @@ def run_child(args) -> dict:
             prof.enable()
         probe = SparsityProbe(model, blocks, mode=mode, batch_size=batch, name=args.child)
         table = EvaluationTable([probe])
-        res = search_ppl_p(probe, args.p, tol=args.tol, evaluations=table, guess=not args.no_guess)
+        res = search_ppl_p(probe, args.p, tol=args.tol, evaluations=table)
         bs.sync(device)
         wall = time.perf_counter() - t
         if prof is not None:
@@ -262,8 +261,7 @@ def table(rows: list[dict], target: float) -> str:
                     if first else "| | | ")
             first = False
             flag = "" if x["converged"] and abs(x["ppl_ratio"] - target) <= 1e-3 + 1e-12 else " (off target)"
-            partial = f" + {x['partial_passes']} partial" if x.get("partial_passes") else ""
-            lines.append(f"{head}| {call}{flag} | {x['sparse_passes']}{partial} | {x['dense_passes']} | {x['wall_s']:.3f} "
+            lines.append(f"{head}| {call}{flag} | {x['sparse_passes']} | {x['dense_passes']} | {x['wall_s']:.3f} "
                          f"| {x['forward_equivalents']:.1f} | {x['cett']:.5f} | {x['activation_ratio']:.4f} "
                          f"| {x['ppl_ratio']:.5f} | {x['max_abs_cett_error']:.1e} |")
     return "\n".join(lines)
@@ -290,8 +288,6 @@ def parse_args(argv=None):
     ap.add_argument("--outer-tol", type=float, default=1e-6, help="reference's outer bisection width (default 1e-6)")
     ap.add_argument("--modes", default="memory,stream", help="memory (always) and/or stream")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--no-guess", action="store_true",
-                    help="the project's search without the first guess from partial passes (starts at c = 0.1)")
     ap.add_argument("--data", choices=["self", "random"], default="self",
                     help="tokens sampled from each random model (default) or uniform ids")
     ap.add_argument("--blocks", type=int, default=None, help="token blocks (default 8 on cuda, 16 on cpu)")

@@ -166,20 +166,18 @@ class SparsityProbe:
         self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0
-        self.partial_passes = 0  # sparse passes over the first tokens of every block (the search's first guess)
         self.dense_passes = 0
         self.cett_evaluations = 0
         self._threshold_cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
-    def _batches(self, blocks: Sequence[int] | None = None,
-                 prefix: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
-            yield (self.input_ids[sel, :prefix].to(self.device, non_blocking=True),
-                   self.attention_mask[sel, :prefix].to(self.device, non_blocking=True))
+            yield (self.input_ids[sel].to(self.device, non_blocking=True),
+                   self.attention_mask[sel].to(self.device, non_blocking=True))
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -191,17 +189,15 @@ class SparsityProbe:
 
     @torch.no_grad()
     def _run(self, desc: str, rows: TokenRows | None = None, blocks: Sequence[int] | None = None,
-             compute_loss: bool = True, token_nll: list[torch.Tensor] | None = None,
-             prefix: int | None = None) -> tuple[float, int]:
+             compute_loss: bool = True, token_nll: list[torch.Tensor] | None = None) -> tuple[float, int]:
         """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
         ``rows`` (for the hooks) is moved to each batch before its forward; ``token_nll``, when
-        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding); ``prefix``
-        runs only the first ``prefix`` tokens of every block."""
+        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding)."""
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         bar = self._progress(desc, blocks)
         try:
-            for ids, mask in self._batches(blocks, prefix):
+            for ids, mask in self._batches(blocks):
                 if rows is not None:
                     rows.next_batch(mask)
                 out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -418,20 +414,12 @@ class SparsityProbe:
         c = torch.where(missing, self.curve.cett[:, :1].expand_as(c), c)
         return self.curve.add_points(e, c)
 
-    def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True, prefix: int | None = None) -> PassStats:
-        """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded).
-
-        ``prefix`` runs only the first ``prefix`` tokens of every block: a partial pass (about
-        ``prefix / block_len`` of a full one, counted in :attr:`partial_passes`), whose
-        statistics are over those tokens. A causal model predicts them exactly as in the full
-        blocks, so the dense pass's :attr:`PassStats.token_nll` ``[:, :prefix - 1]`` is their
-        dense loss; the tokens do not depend on how blocks are split between processes."""
+    def sparse_pass(self, rule: SparsityRule, *, per_token: bool = True) -> PassStats:
+        """Run the model with ``rule`` applied: PPL and activation ratios (padding excluded)."""
         self.prepare()
         layers = len(self.sites)
         active = torch.zeros(layers, dtype=torch.float64, device=self.device)
-        local_tokens = int(self.attention_mask[:, :prefix].sum())
-        n_tokens = self.n_tokens if prefix is None else int(_all_reduce(
-            torch.tensor(float(local_tokens), dtype=torch.float64, device=self.device)).item())
+        local_tokens = int(self.attention_mask.sum())
         per_tok = torch.zeros(layers, local_tokens, dtype=torch.float32, device=self.device) if per_token else None
         rows = TokenRows()
 
@@ -444,14 +432,11 @@ class SparsityProbe:
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
         token_nll: list[torch.Tensor] = []
         with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
-            nll, count = self._run(f"sparse pass ({self.name})", rows, prefix=prefix, token_nll=token_nll)
-        if prefix is None:
-            self.sparse_passes += 1
-        else:
-            self.partial_passes += 1
+            nll, count = self._run(f"sparse pass ({self.name})", rows, token_nll=token_nll)
+        self.sparse_passes += 1
         _all_reduce(active)
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
-        layer_active = (active / (n_tokens * d_ff)).float().cpu()
+        layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
         return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None,
                          token_nll=torch.cat(token_nll).float().cpu())
 
