@@ -53,28 +53,26 @@ class Shape:
 
     family: str  # key of FAMILIES
     what: str
-    cuda: tuple[int, int, int, int]  # hidden, layers, d_ff, heads
-    cpu: tuple[int, int, int, int]
-    extra: dict = field(default_factory=dict)  # further config fields (kv heads, tying, experts)
+    cuda: tuple[int, int, int, int, int]  # hidden, layers, d_ff, attention heads, key-value heads
+    cpu: tuple[int, int, int, int, int]
+    extra: dict = field(default_factory=dict)  # further config fields (tying, experts)
 
 
 SHAPES: dict[str, Shape] = {
     "llama-12x768": Shape("llama", "the issue's 12 x 768 (Llama, multi-head attention)",
-                          (768, 12, 2048, 12), (64, 4, 176, 4), {"num_key_value_heads": None}),
-    "deep-narrow": Shape("llama", "deep-narrow: 32 layers x 1024", (1024, 32, 2816, 16), (48, 12, 131, 4),
-                         {"num_key_value_heads": None}),
-    "wide-shallow": Shape("llama", "wide-shallow: 4 layers x 3072, grouped-query attention 24/8",
-                          (3072, 4, 8192, 24), (192, 2, 517, 6), {"num_key_value_heads": 8}),
+                          (768, 12, 2048, 12, 12), (64, 4, 176, 4, 4)),
+    "deep-narrow": Shape("llama", "deep-narrow: 32 layers x 1024", (1024, 32, 2816, 16, 16), (48, 12, 131, 4, 4)),
+    "wide-shallow": Shape("llama", "wide-shallow: 4 layers x 3072, grouped-query attention (3 query heads per kv)",
+                          (3072, 4, 8192, 24, 8), (192, 2, 517, 6, 2)),
     "smollm2-shape": Shape("llama", "SmolLM2-135M's shape: tied embeddings, grouped-query attention 9/3",
-                           (576, 30, 1536, 9), (72, 6, 193, 6), {"num_key_value_heads": 3,
-                                                                 "tie_word_embeddings": True}),
+                           (576, 30, 1536, 9, 3), (72, 6, 193, 6, 2), {"tie_word_embeddings": True}),
     "llama836m": Shape("llama", "the 836M Llama of issue 4: grouped-query attention 32/4",
-                       (2048, 16, 5632, 32), (128, 3, 347, 8), {"num_key_value_heads": 4}),
+                       (2048, 16, 5632, 32, 4), (128, 3, 347, 8, 2)),
     "gpt-neox-12x768": Shape("gpt_neox", "plain (non-gated) GELU FFN, GPT-NeoX, parallel residual",
-                             (768, 12, 3072, 12), (64, 4, 259, 4), {}),
+                             (768, 12, 3072, 12, 12), (64, 4, 259, 4, 4)),
     "mixtral-moe": Shape("mixtral", "Mixture-of-Experts: Mixtral, 8 experts, top-2 routing",
-                         (1024, 8, 1792, 16), (64, 3, 97, 4), {"num_key_value_heads": 4, "num_local_experts": 8,
-                                                               "num_experts_per_tok": 2}),
+                         (1024, 8, 1792, 16, 4), (64, 3, 97, 4, 2), {"num_local_experts": 8,
+                                                                      "num_experts_per_tok": 2}),
 }
 DEFAULT_SHAPES = {"cuda": ["llama-12x768", "deep-narrow", "wide-shallow", "smollm2-shape", "llama836m",
                            "gpt-neox-12x768", "mixtral-moe"]}
@@ -89,10 +87,10 @@ def _config(shape: Shape, device: str, block_len: int):
     (see bench_search.py's module doc)."""
     import transformers
 
-    hidden, layers, d_ff, heads = shape.cuda if device == "cuda" else shape.cpu
+    hidden, layers, d_ff, heads, kv = shape.cuda if device == "cuda" else shape.cpu
     extra = dict(shape.extra)
-    if extra.get("num_key_value_heads", 0) is None:
-        extra["num_key_value_heads"] = heads
+    if shape.family != "gpt_neox":  # GPT-NeoX has multi-head attention only
+        extra["num_key_value_heads"] = kv
     config_class = {"llama": transformers.LlamaConfig, "gpt_neox": transformers.GPTNeoXConfig,
                     "mixtral": transformers.MixtralConfig}[shape.family]
     extra.setdefault("tie_word_embeddings", False)
@@ -116,7 +114,7 @@ def build_model(name: str, device, dtype, seed: int, block_len: int):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     model = model.to(dtype=dtype).to(device).eval()
-    hidden, layers, d_ff, heads = shape.cuda if device.type == "cuda" else shape.cpu
+    hidden, layers, d_ff, heads, _ = shape.cuda if device.type == "cuda" else shape.cpu
     return model, {"shape": name, "family": shape.family, "what": shape.what, "hidden": hidden, "layers": layers,
                    "d_ff": d_ff, "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", heads),
                    "tied": bool(config.tie_word_embeddings), "vocab": config.vocab_size,

@@ -33,8 +33,10 @@ from torch import nn
 from .cett import (
     CETTCurve,
     NormHistogram,
+    all_finite,
     cett_statistics,
     interpolate_thresholds,
+    l2_norm,
     neuron_norms,
     refine_thresholds,
     sketch_weight,
@@ -208,7 +210,7 @@ class SparsityProbe:
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                            reduction="none").view_as(target)
                     loss = torch.where(valid, loss, torch.zeros_like(loss))
-                    if not torch.isfinite(loss).all():
+                    if not bool(all_finite(loss)):
                         raise FloatingPointError(
                             f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
                             "on this text; load it in float32 (dtype='float32') or check the input ids")
@@ -255,8 +257,8 @@ class SparsityProbe:
         def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
             i = site.index
             av = rows(a)  # [tokens, d_ff]
-            finite[i] &= torch.isfinite(av).all().to(self.device)
-            yn = rows(y).float().norm(dim=-1)  # [tokens]
+            finite[i] &= all_finite(av).to(self.device)
+            yn = l2_norm(rows(y))  # [tokens]
             if i not in grids:  # the first batch places the grid (quantiles of its norms)
                 grids[i] = self._grid(i, av[: self.curve_tokens])
             room = self.curve_tokens - int(tokens[i])
@@ -269,7 +271,7 @@ class SparsityProbe:
                 ynorms[i].append(yn)
 
         def check_activations():
-            if not bool(finite.all()):
+            if not all(finite.tolist()):
                 bad = self.sites[int((~finite).nonzero()[0])].name
                 raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
                                          "this input; load it in float32 (dtype='float32') or check the input ids")
@@ -330,7 +332,7 @@ class SparsityProbe:
 
             def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
                 if bool(todo[site.index]):
-                    add(site, rows(a), rows(y).float().norm(dim=-1))
+                    add(site, rows(a), l2_norm(rows(y)))
 
             with read_activations(self.model, read, sites=self.sites, with_output=True):
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
