@@ -105,15 +105,20 @@ def _config(shape: Shape, device: str, block_len: int):
 
 
 def build_model(name: str, device, dtype, seed: int, block_len: int):
-    """A random-initialised model of a shape (float32 on the CPU with a fixed seed, then cast and moved)."""
+    """A random-initialised model of a shape, initialised in float32 with a fixed seed on the
+    device itself (the CPU's initialisation of the larger shapes would take longer than their
+    searches), then cast."""
     import torch
     from transformers import AutoModelForCausalLM
 
     shape = SHAPES[name]
     config = _config(shape, device.type, block_len)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    model = model.to(dtype=dtype).to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model.to(dtype=dtype).eval()
     hidden, layers, d_ff, heads, _ = shape.cuda if device.type == "cuda" else shape.cpu
     return model, {"shape": name, "family": shape.family, "what": shape.what, "hidden": hidden, "layers": layers,
                    "d_ff": d_ff, "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", heads),

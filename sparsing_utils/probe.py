@@ -88,6 +88,11 @@ class TokenRows:
         return x.reshape(-1, *x.shape[2:]) if self.all_valid else x[self.valid.to(x.device)]
 
 
+class _EnoughLayers(Exception):
+    """Raised by a statistics hook once every layer it reads in this batch has been read: the
+    rest of the forward (later layers, the LM head) is not needed (stream mode, issue 10)."""
+
+
 @dataclass
 class PassStats:
     """One forward pass over all blocks (dense or sparse)."""
@@ -202,7 +207,12 @@ class SparsityProbe:
             for ids, mask in self._batches(blocks):
                 if rows is not None:
                     rows.next_batch(mask)
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                try:
+                    out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _EnoughLayers:
+                    if compute_loss:
+                        raise
+                    out = None
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
                     target = ids[:, 1:]
@@ -329,10 +339,19 @@ class SparsityProbe:
                     add(site, self._acts[site.index], self._ynorm[site.index])
         else:
             rows = TokenRows()
+            needed = {s.index for s in self.sites if bool(todo[s.index])}
+            seen: set[int] = set()
+            batch = [-1]
 
             def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
-                if bool(todo[site.index]):
+                if rows.start != batch[0]:  # a new batch
+                    batch[0] = rows.start
+                    seen.clear()
+                if site.index in needed:
                     add(site, rows(a), l2_norm(rows(y)))
+                    seen.add(site.index)
+                    if len(seen) == len(needed):  # the layers after the last one needed are not run
+                        raise _EnoughLayers
 
             with read_activations(self.model, read, sites=self.sites, with_output=True):
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)

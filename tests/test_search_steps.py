@@ -181,3 +181,29 @@ def test_checkpoint_search_passes(trained_llama):
     assert res.converged, res.message
     assert abs(res.mean_ppl_ratio - 1.01) <= 1e-3
     assert all(pr.sparse_passes <= CHECKPOINT_PASSES_BEFORE for pr in probes)
+
+
+def test_stream_statistics_stop_after_the_last_layer_needed(trained_llama):
+    """Stream mode's CETT statistics run the model only up to the last layer they read: with
+    only layer 0 unconverged the second layer's FFN never runs, and the CETT is unchanged."""
+    from sparsing_utils.probe import SparsityProbe as Probe
+
+    model = trained_llama.model
+    stream = Probe(model, trained_llama.blocks(), mode="stream").prepare()
+    memory = Probe(model, trained_llama.blocks(), mode="memory").prepare()
+    sites = stream.sites
+    calls = []
+    handle = sites[-1].module.register_forward_hook(lambda m, a, y: calls.append(1))
+    try:
+        eps = torch.tensor([[0.05], [0.05]])
+        only_first = torch.tensor([True, False])
+        s, t = stream._cett_sums(eps, only_first)
+        assert calls == []  # the last layer did not run
+        s_all, t_all = stream._cett_sums(eps, torch.tensor([True, True]))
+        assert len(calls) == 1  # one batch of 16 blocks, up to the last layer
+    finally:
+        handle.remove()
+    m, tm = memory._cett_sums(eps, torch.tensor([True, True]))
+    assert torch.allclose(s_all / t_all, m / tm, atol=1e-6)
+    assert torch.allclose((s / t)[0], (m / tm)[0], atol=1e-6)
+    assert float(s[1, 0]) == 0.0  # not computed
