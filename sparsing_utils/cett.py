@@ -62,8 +62,9 @@ def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0) -> torch.Tensor
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     proj = torch.randn(d_model, dim, generator=g, dtype=torch.float32) / math.sqrt(dim)  # [d_model, dim]
     # In the weights' own half precision on CUDA (fp32 accumulation), like the forward's products:
-    # a float32 product there is the search's only one and its first launch in a process loads
-    # cuBLAS kernels (about 70 ms on an H200, issue 10; benchmarks/first_use_costs.py).
+    # a float32 product would be the search's only one, and the first launch of a kernel in a
+    # process loads it (on an H200: 11 ms for this float32 product, 7 ms in bf16; issue 10,
+    # benchmarks/first_use_costs.py).
     cd = default_compute_dtype(w_t)
     return (w_t.to(cd) @ proj.to(w_t.device, cd)).to(w_t.dtype)  # [d_ff, dim]
 
