@@ -1,13 +1,13 @@
 """The search on the CETT target ``c`` (Luo et al. 2024, Sec. 3.1 and Algorithm 1; PAPER.md Sec. 1).
 
 PPL-p% sparsity is the activation ratio at the ``c`` whose sparse/dense PPL ratio is
-``1 + p/100``. The PPL ratio grows with ``c`` about like a power of it (``c^1.3`` to ``c^2``
-in the random and trained models measured for issue 10) plus bumps: at a given token budget
-the ratio of two nearby ``c`` differs by about the standard error of the mean per-token loss
-difference, which can exceed the tolerance (0.1 point) several times. Each step therefore
-goes to where a straight line in log-log space, fitted to *every* evaluated point, each
-weighted by that standard error, reaches the target (:func:`_next_c`), rather than
-following the last two points' bumps. Each evaluated ``c`` costs exact thresholds on every
+``1 + p/100``. The PPL ratio grows with ``c`` about like a power of it (``c^1.3`` to
+``c^2.8`` in the random and trained models measured for issue 10) plus bumps: at a given token
+budget the ratios at two nearby ``c`` can differ by several times the tolerance (0.1 point),
+by about the standard error of the mean of their per-token loss differences
+(:meth:`EvaluationTable.bumps`). Each step therefore goes to where a straight line in log-log
+space, fitted to *every* evaluated point, each weighted by its bumps, reaches the target
+(:func:`_next_c`), rather than following the last two points' bumps. Each evaluated ``c`` costs exact thresholds on every
 probe (:meth:`~sparsing_utils.probe.SparsityProbe.thresholds_for`) and one sparse pass; an
 :class:`EvaluationTable` keeps them, so several ``p`` values share their points.
 Algorithm 1 (one ``c`` for all checkpoints of a run, so that the *mean* PPL ratio is
@@ -130,7 +130,7 @@ def log_ratio_se(probe: SparsityProbe, sparse: PassStats, other: PassStats | Non
 
 # The step rule (_next_c). PRIOR_SLOPE: the slope of log(ratio - 1) against log(c) before the
 # points say otherwise (measured 1.3-1.9 on the random shapes of benchmarks/bench_shapes.py on
-# the H200 and 1.4-1.5 on the tests' trained tiny Llama), held with a standard deviation of 1.
+# the H200 and 1.4-2.8 on the tests' trained tiny Llamas), held with a standard deviation of 1.
 # CURVATURE: a point's log excess this many units from the target's adds (CURVATURE * units)^2
 # to its variance, so that far points steer less than near ones (the line is only locally
 # straight). MIN_STEP: evaluated c closer than this in log c are nudged apart (a new c is a new
@@ -180,7 +180,8 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float,
     target at smaller c than every point above, counting only points more than two standard
     errors from it: the others are within its noise) strictly inside it, else its log-midpoint;
     nudged :data:`MIN_STEP` off points already evaluated. With no degradation measured yet,
-    4 times the largest c. ``None``: nothing left to try (``c_max`` reached below the target).
+    4 times the largest c. ``None``: nothing left to try (``c_max`` reached below the target,
+    or a consistent bracket narrower than two :data:`MIN_STEP`: the ratio jumps there).
     ``errors``: standard error of each point's log ratio (default 0: weights from curvature).
     """
     errors = list(errors) if errors is not None else [0.0] * len(points)
@@ -195,6 +196,8 @@ def _next_c(points: list[tuple[float, float]], target: float, c_max: float,
     x = min(max(x, min(xs) - math.log(4.0)), max(xs) + math.log(4.0))
     if below and above and max(below) < min(above):
         x0, x1 = math.log(max(below)), math.log(min(above))
+        if x1 - x0 < 2.0 * MIN_STEP:  # the ratio jumps across the target: no room for a new draw
+            return None
         margin = 0.05 * (x1 - x0)
         if not x0 + margin <= x <= x1 - margin:
             x = 0.5 * (x0 + x1)

@@ -154,6 +154,10 @@ def test_next_c_steps_off_evaluated_points_and_inside_brackets():
     # no degradation yet: four times the largest c
     assert _next_c([(0.1, 0.999)], 1.01, 0.999) == pytest.approx(0.4)
     assert _next_c([(0.999, 1.001)], 1.01, 0.999) is None
+    # a jump across the target between two c closer than two nudges: nothing left to try
+    assert _next_c([(0.2, 1.005), (0.2005, 1.02)], 1.01, 0.999) is None
+    # ... unless the two points are within their bumps of the target (then they bracket nothing)
+    assert _next_c([(0.2, 1.005), (0.2005, 1.02)], 1.01, 0.999, [0.01, 0.01]) is not None
     # a point exactly at the fitted crossing is not evaluated again: the step is nudged off it
     pts = [(0.1, 1.0025), (0.2, 1.01)]
     c = _next_c(pts + [(0.2, 1.0102)], 1.01, 0.999, [0.003, 0.003, 0.003])
