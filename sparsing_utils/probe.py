@@ -15,8 +15,9 @@ PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.se
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
 tokens); ``"stream"`` keeps nothing and recomputes the dense pass (up to the last layer
 still needed) whenever exact CETT statistics are needed, accumulating them chunk by chunk
-inside the hooks (peak memory does not grow with layers x tokens). A memory-mode probe whose activations were dropped with
-:meth:`SparsityProbe.release` computes further statistics as stream mode does. Under
+inside the hooks (peak memory does not grow with layers x tokens). A memory-mode probe whose
+activations were dropped with :meth:`SparsityProbe.release` computes further statistics as
+stream mode does. Under
 ``torch.distributed`` every sum (losses, token counts, histograms, CETT sums) is
 all-reduced, so each rank can hold a different shard of blocks.
 """
