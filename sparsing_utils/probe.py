@@ -17,9 +17,8 @@ tokens); ``"stream"`` keeps nothing and recomputes the dense pass (up to the las
 still needed) whenever exact CETT statistics are needed, accumulating them chunk by chunk
 inside the hooks (peak memory does not grow with layers x tokens). A memory-mode probe whose
 activations were dropped with :meth:`SparsityProbe.release` computes further statistics as
-stream mode does. Under
-``torch.distributed`` every sum (losses, token counts, histograms, CETT sums) is
-all-reduced, so each rank can hold a different shard of blocks.
+stream mode does. Under ``torch.distributed`` every sum (losses, token counts, histograms,
+CETT sums) is all-reduced, so each rank can hold a different shard of blocks.
 """
 from __future__ import annotations
 
