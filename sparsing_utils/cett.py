@@ -34,6 +34,8 @@ __all__ = [
     "sketch_weight",
     "truncated_norms",
     "truncated_statistics",
+    "l2_norm",
+    "all_finite",
 ]
 
 
@@ -59,7 +61,30 @@ def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0) -> torch.Tensor
         return w_t
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     proj = torch.randn(d_model, dim, generator=g, dtype=torch.float32) / math.sqrt(dim)  # [d_model, dim]
-    return (w_t.float() @ proj.to(w_t.device)).to(w_t.dtype)  # [d_ff, dim]
+    # In the weights' own half precision on CUDA (fp32 accumulation), like the forward's products:
+    # a float32 product would be the search's only one, and the first launch of a kernel in a
+    # process loads it (on an H200: 11 ms for this float32 product, 7 ms in bf16; issue 10,
+    # benchmarks/first_use_costs.py).
+    cd = default_compute_dtype(w_t)
+    return (w_t.to(cd) @ proj.to(w_t.device, cd)).to(w_t.dtype)  # [d_ff, dim]
+
+
+# The two helpers below give what ``Tensor.norm`` and ``isfinite(x).all()`` give, through kernels
+# that a forward pass has already loaded: under CUDA's lazy module loading the first launch of
+# a kernel in a process costs 20-50 ms each (measured on an H200, benchmarks/first_use_costs.py),
+# which made the first search in a process ~0.2 s slower than the next (issue 10).
+
+
+def l2_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean norm along ``dim`` in float32, as ``sqrt(sum(x^2))``."""
+    return x.float().pow(2).sum(dim=dim).sqrt()
+
+
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``x``'s device: no NaN or inf in ``x`` (a NaN or inf entry makes the
+    float32 sum non-finite, and ``s - s`` is 0 exactly for a finite ``s``)."""
+    s = x.sum(dtype=torch.float32)
+    return (s - s) == 0
 
 
 def neuron_norms(a: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
@@ -113,7 +138,7 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
             tail = ac.abs().unsqueeze(0) <= lim.unsqueeze(1)  # [k, t, d_ff] True = truncated
             masked = ac.to(cd).unsqueeze(0) * tail  # [k, t, d_ff]
             s = masked.reshape(-1, d_ff) @ w  # [k*t, d_model]
-            norms[k0:k0 + k, t0:t0 + t] = s.float().norm(dim=-1).view(k, t)
+            norms[k0:k0 + k, t0:t0 + t] = l2_norm(s).view(k, t)
             kept[k0:k0 + k, t0:t0 + t] = d_ff - tail.sum(dim=-1, dtype=torch.int32)
     return norms, kept
 
@@ -127,7 +152,7 @@ def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
 def _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     if y_norm is None:
         cd = default_compute_dtype(a)
-        y_norm = (a.to(cd) @ w_t.to(a.device, cd)).float().norm(dim=-1)  # [tokens]
+        y_norm = l2_norm(a.to(cd) @ w_t.to(a.device, cd))  # [tokens]
     num, kept = truncated_statistics(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
     y = y_norm.to(num.device, torch.float32).unsqueeze(0)  # [1, tokens]
     cett = torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))

@@ -129,7 +129,7 @@ class FFNSite:
 
     def column_norms(self) -> torch.Tensor:
         """``||W_down[:, i]||_2`` for each neuron, float32 ``[d_ff]`` (PAPER.md Sec. 1)."""
-        return self.weight_t().detach().float().norm(dim=1)
+        return self.weight_t().detach().float().pow(2).sum(dim=1).sqrt()  # = norm(dim=1): see cett.l2_norm
 
 
 def find_ffn_sites(model: nn.Module) -> list[FFNSite]:

@@ -15,7 +15,8 @@ PAPER.md Sec. 1); the search on the CETT target lives in :mod:`sparsing_utils.se
 
 Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with layers x
 tokens); ``"stream"`` keeps only the guide tokens' activations (about ``curve_tokens x d_ff``
-per layer) and recomputes the dense pass whenever exact CETT statistics are needed,
+per layer) and recomputes the dense pass (up to the last layer still needed) whenever exact CETT
+statistics are needed,
 accumulating them chunk by chunk inside the hooks (peak memory does not grow with the budget). A memory-mode probe whose activations were dropped with
 :meth:`SparsityProbe.release` computes further statistics as stream mode does.
 
@@ -41,8 +42,10 @@ from torch import nn
 from .cett import (
     CETTCurve,
     NormHistogram,
+    all_finite,
     cett_statistics,
     interpolate_thresholds,
+    l2_norm,
     neuron_norms,
     refine_thresholds,
     sketch_weight,
@@ -126,6 +129,11 @@ class TokenRows:
         return flat if self.all_valid else flat.index_select(0, self.index.to(x.device))
 
 
+class _EnoughLayers(Exception):
+    """Raised by a statistics hook once every layer it reads in this batch has been read: the
+    rest of the forward (later layers, the LM head) is not needed (stream mode, issue 10)."""
+
+
 @dataclass
 class PassStats:
     """One forward pass over all blocks (dense or sparse)."""
@@ -137,6 +145,8 @@ class PassStats:
     # MoE models: [layers] activated fraction of the neurons of the experts that ran (+ shared);
     # ``layer_active`` counts over all expert neurons of each layer. None for dense models.
     layer_active_ran: torch.Tensor | None = None
+    # [blocks run here, block_len - 1] next-token NLL (0 at padding), this process's blocks only
+    token_nll: torch.Tensor | None = None
 
     @property
     def ppl(self) -> float:
@@ -244,9 +254,10 @@ class SparsityProbe:
 
     @torch.no_grad()
     def _run(self, desc: str, rows: TokenRows | None = None, blocks: Sequence[int] | None = None,
-             compute_loss: bool = True) -> tuple[float, int]:
+             compute_loss: bool = True, token_nll: list[torch.Tensor] | None = None) -> tuple[float, int]:
         """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
-        ``rows`` (for the hooks) is moved to each batch before its forward."""
+        ``rows`` (for the hooks) is moved to each batch before its forward; ``token_nll``, when
+        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding)."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # NLL sum, predicted tokens
         nll, count = sums[0], sums[1]
         bar = self._progress(desc, blocks)
@@ -254,7 +265,12 @@ class SparsityProbe:
             for ids, mask, cpu_mask in self._batches(blocks):
                 if rows is not None:
                     rows.next_batch(cpu_mask, self.device)
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                try:
+                    out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _EnoughLayers:
+                    if compute_loss:
+                        raise
+                    out = None
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
                     target = ids[:, 1:]
@@ -262,10 +278,12 @@ class SparsityProbe:
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                            reduction="none").view_as(target)
                     loss = torch.where(valid, loss, torch.zeros_like(loss))
-                    if not torch.isfinite(loss).all():
+                    if not bool(all_finite(loss)):
                         raise FloatingPointError(
                             f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
                             "on this text; load it in float32 (dtype='float32') or check the input ids")
+                    if token_nll is not None:
+                        token_nll.append(loss)
                     nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
                     count += valid.sum().to(self.device)
                 del out
@@ -285,11 +303,12 @@ class SparsityProbe:
             return self
         if self.calibration is not None:
             self.calibration.prepare()
-            nll, count = self._run(f"dense pass ({self.name})")
+            token_nll: list[torch.Tensor] = []
+            nll, count = self._run(f"dense pass ({self.name})", token_nll=token_nll)
             self.dense_passes += 1
             if count == 0:
                 raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
-            self.dense = PassStats(nll, count)
+            self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
             self.curve = self.calibration.curve
             return self
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
@@ -301,8 +320,8 @@ class SparsityProbe:
         def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
             i = site.index
             av = rows(a)  # [tokens, d_ff]
-            finite[i] &= torch.isfinite(av).all().to(self.device)
-            yn = rows(y).float().norm(dim=-1)  # [tokens]
+            finite[i] &= all_finite(av).to(self.device)
+            yn = l2_norm(rows(y))  # [tokens]
             if self.mode == "memory":
                 acts[i].append(av)
                 ynorms[i].append(yn)
@@ -312,14 +331,15 @@ class SparsityProbe:
                 ynorms[i].append(yn.index_select(0, sel.to(yn.device)))
 
         def check_activations():
-            if not bool(finite.all()):
+            if not all(finite.tolist()):
                 bad = self.sites[int((~finite).nonzero()[0])].name
                 raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
                                          "this input; load it in float32 (dtype='float32') or check the input ids")
 
+        token_nll: list[torch.Tensor] = []
         try:
             with read_activations(self.model, read, sites=self.sites, with_output=True):
-                nll, count = self._run(f"dense pass ({self.name})", rows)
+                nll, count = self._run(f"dense pass ({self.name})", rows, token_nll=token_nll)
         except FloatingPointError:
             check_activations()  # name the first layer that went non-finite, if one did
             raise
@@ -327,7 +347,7 @@ class SparsityProbe:
         check_activations()
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
-        self.dense = PassStats(nll, count)
+        self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
         a_all = [torch.cat(x) for x in acts]
         y_all = [torch.cat(x) for x in ynorms]
         acts.clear()  # the per-batch pieces
@@ -396,10 +416,19 @@ class SparsityProbe:
                     add(site, self._acts[site.index], self._ynorm[site.index])
         else:
             rows = TokenRows()
+            needed = {s.index for s in self.sites if bool(todo[s.index])}
+            seen: set[int] = set()
+            batch = [-1]
 
             def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
-                if bool(todo[site.index]):
-                    add(site, rows(a), rows(y).float().norm(dim=-1))
+                if rows.start != batch[0]:  # a new batch
+                    batch[0] = rows.start
+                    seen.clear()
+                if site.index in needed:
+                    add(site, rows(a), l2_norm(rows(y)))
+                    seen.add(site.index)
+                    if len(seen) == len(needed):  # the layers after the last one needed are not run
+                        raise _EnoughLayers
 
             with read_activations(self.model, read, sites=self.sites, with_output=True):
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
@@ -504,14 +533,16 @@ class SparsityProbe:
                 per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
+        token_nll: list[torch.Tensor] = []
         with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
-            nll, count = self._run(f"sparse pass ({self.name})", rows)
+            nll, count = self._run(f"sparse pass ({self.name})", rows, token_nll=token_nll)
         self.sparse_passes += 1
         _all_reduce(active)
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
         layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
         layer_ran = (active / _all_reduce(ran).clamp_min(1)).float().cpu() if moe else None
-        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None, layer_ran)
+        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None, layer_ran,
+                         token_nll=torch.cat(token_nll).float().cpu())
 
     def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
         """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the
