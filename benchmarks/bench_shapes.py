@@ -71,8 +71,8 @@ SHAPES: dict[str, Shape] = {
     "gpt-neox-12x768": Shape("gpt_neox", "plain (non-gated) GELU FFN, GPT-NeoX, parallel residual",
                              (768, 12, 3072, 12, 12), (64, 4, 259, 4, 4)),
     "mixtral-moe": Shape("mixtral", "Mixture-of-Experts: Mixtral, 8 experts, top-2 routing",
-                         (1024, 8, 1792, 16, 4), (64, 3, 97, 4, 2), {"num_local_experts": 8,
-                                                                      "num_experts_per_tok": 2}),
+                         (1024, 8, 1792, 16, 4), (64, 3, 100, 4, 2), {"num_local_experts": 8,
+                                                                       "num_experts_per_tok": 2}),
 }
 DEFAULT_SHAPES = {"cuda": ["llama-12x768", "deep-narrow", "wide-shallow", "smollm2-shape", "llama836m",
                            "gpt-neox-12x768", "mixtral-moe"]}

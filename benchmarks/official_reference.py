@@ -348,7 +348,7 @@ def sparse_pass(model: nn.Module, blocks, thresholds: Sequence[float], *, batch_
     if len(thresholds) != len(sites):
         raise ValueError(f"{len(thresholds)} thresholds for {len(sites)} FFN layers")
     dev = _device_of(model)
-    col = {s.index: s.column_norms().to(s.module.weight.device) for s in sites}
+    col = {s.index: s.column_norms() for s in sites}  # on the device of W_down (an MoE site: its experts)
     eps = [float(t) for t in thresholds]
     active = torch.zeros(len(sites), dtype=torch.float64, device=dev)
     tokens = torch.zeros((), dtype=torch.float64, device=dev)
