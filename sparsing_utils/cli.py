@@ -181,11 +181,17 @@ def _cmd_track(args: argparse.Namespace) -> int:
     t = r["tracking"]
     print(f"run {r['run']} | PPL-{t['p']:g}%: CETT {t['cett']:.4f}, mean PPL ratio {t['mean_ppl_ratio']:.4f} over "
           f"{len(t['search_checkpoints'])} checkpoints | {t['seconds']:.1f} s")
-    print(f"{'tokens':>14} {'stage':>7} {'loss':>7} {'held-out':>8} {'act. ratio':>10} {'PPL ratio':>9}")
+    moe = any("activation_ratio_ran" in c for c in r["checkpoints"])  # MoE runs: also over the experts that ran
+    print(f"{'tokens':>14} {'stage':>7} {'loss':>7} {'held-out':>8} {'act. ratio':>10} "
+          + (f"{'ran ratio':>10} " if moe else "") + f"{'PPL ratio':>9}")
     for c in r["checkpoints"]:
         held = c["heldout_loss"] if c["heldout_loss"] is not None else float("nan")
+        ran = f"{c['activation_ratio_ran']:>10.4f} " if moe else ""
         print(f"{c['tokens']:>14,} {c['stage']:>7} {c['train_loss']:>7.3f} {held:>8.3f} {c['activation_ratio']:>10.4f} "
-              f"{c['ppl_ratio']:>9.4f}")
+              f"{ran}{c['ppl_ratio']:>9.4f}")
+    if moe:
+        print("act. ratio: over all expert neurons of each layer; ran ratio: over the neurons of the experts that "
+              "ran for each token")
     print(f"written: {args.out}")
     return 0
 
@@ -204,7 +210,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             bootstrap_iters=args.bootstrap_iters, dtype=args.dtype, device=args.device,
                             verbose=args.verbose)
     ratio = "" if report.sparsity is None else \
-        f" (metric's activation ratio {report.sparsity['activation_ratio_measured']:.4f})"
+        f" (metric's activation ratio {report.sparsity['activation_ratio_measured']:.4f}" + (
+            f", over the experts that ran {report.sparsity['activation_ratio_ran_measured']:.4f}"
+            if "activation_ratio_ran_measured" in report.sparsity else "") + ")"
     print(f"model {report.model.get('spec')} | {report.setting}{ratio} | lm-eval {report.lm_eval_version} "
           f"| {report.seconds:.1f} s")
     print(report.table())

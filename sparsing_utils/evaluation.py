@@ -83,22 +83,31 @@ class ActivationCounter:
     the harness itself (:meth:`claim`, in row order, see :class:`_CountingHFLM`); counts of rows
     never claimed (batch-size probing, generation) are dropped. A dense run counts tokens only
     (every neuron computes: ratio 1). ``keep_tokens`` keeps the token rows run (for tests).
+
+    MoE models also count, per layer, the neurons of the experts that ran on each token
+    (:meth:`~sparsing_utils.ffn.FFNSite.ran_neurons`, as :meth:`SparsityProbe.sparse_pass` counts
+    them): :attr:`activation_ratio_ran`; None for dense models.
     """
 
     def __init__(self, sites: Sequence[FFNSite], *, keep_tokens: bool = False):
         self.d_ff = torch.tensor([s.d_ff for s in sites], dtype=torch.float64)
         self.active = torch.zeros(len(sites), dtype=torch.float64)  # [layers]
+        self.moe = any(s.moe is not None for s in sites)
+        self.ran = torch.zeros(len(sites), dtype=torch.float64)  # [layers] MoE: neurons of the experts that ran
         self.tokens = 0
         self.sparse = False  # set when a rule records masks
         self.keep_tokens = keep_tokens
         self.sequences: list[list[int]] = []
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [batch, seq] activated neurons
+        self._ran: dict[int, torch.Tensor] = {}  # layer -> [batch, seq] neurons that ran (MoE models)
         self._lengths: list[int] = []
         self._inputs: torch.Tensor | None = None
 
     def record(self, site: FFNSite, keep: torch.Tensor) -> None:  # keep [batch, seq, d_ff] bool
         self.sparse = True
         self._counts[site.index] = keep.sum(dim=-1, dtype=torch.int32)  # [batch, seq]
+        if self.moe:
+            self._ran[site.index] = site.ran_neurons(keep)  # [batch, seq]
 
     def new_batch(self, inputs: torch.Tensor) -> None:  # inputs [batch, seq] token ids
         self._flush()
@@ -115,12 +124,12 @@ class ActivationCounter:
             lengths = torch.tensor(self._lengths)  # [rows]
             for layer, counts in self._counts.items():  # summed where the counts are (no sync per layer)
                 if self.active.device != counts.device:
-                    self.active = self.active.to(counts.device)
-                counts = counts[: len(lengths)]  # [rows, seq]
-                valid = torch.arange(counts.shape[1], device=counts.device) < lengths.to(counts.device)[:, None]
-                self.active[layer] += counts.masked_fill(~valid, 0).sum(dtype=torch.float64)
+                    self.active, self.ran = self.active.to(counts.device), self.ran.to(counts.device)
+                self.active[layer] += _sum_real(counts, lengths)
+                if layer in self._ran:
+                    self.ran[layer] += _sum_real(self._ran[layer], lengths)
             self.tokens += int(lengths.sum())
-        self._counts, self._lengths, self._inputs = {}, [], None
+        self._counts, self._ran, self._lengths, self._inputs = {}, {}, [], None
 
     def finish(self) -> None:
         self._flush()
@@ -138,6 +147,31 @@ class ActivationCounter:
             return None
         ratios = self.layer_activation_ratio
         return float(sum(ratios) / len(ratios))
+
+    @property
+    def layer_activation_ratio_ran(self) -> list[float] | None:
+        """MoE models: activated / neurons of the experts that ran, per layer (1 in a dense run); else None."""
+        if not self.moe:
+            return None
+        if not self.sparse:
+            return [1.0] * len(self.d_ff)
+        return (self.active / self.ran.clamp_min(1)).cpu().tolist()
+
+    @property
+    def activation_ratio_ran(self) -> float | None:
+        """Mean over layers of :attr:`layer_activation_ratio_ran`; None for dense models or before any token."""
+        ratios = self.layer_activation_ratio_ran
+        if ratios is None or self.tokens == 0:
+            return None
+        return float(sum(ratios) / len(ratios))
+
+
+def _sum_real(counts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum of ``counts [batch, seq]`` over the first ``lengths [rows]`` positions of its first rows
+    (the real tokens of each row; float64, on the counts' device)."""
+    counts = counts[: len(lengths)]  # [rows, seq]
+    valid = torch.arange(counts.shape[1], device=counts.device) < lengths.to(counts.device)[:, None]
+    return counts.masked_fill(~valid, 0).sum(dtype=torch.float64)
 
 
 def _counting_lm_class():
@@ -244,7 +278,8 @@ def check_tasks(tasks: Sequence[str], data_dir: str | os.PathLike | None) -> lis
 class TaskResult:
     """One task, one setting: lm-eval's metrics with their standard errors (``acc``, ``acc_stderr``,
     ``acc_norm``, ..., LAMBADA's ``perplexity``), items scored, and the activation ratio measured on
-    the harness's tokens."""
+    the harness's tokens (MoE models: also over the experts that ran, ``activation_ratio_ran``; left
+    out of dense models' JSON, as in :class:`~sparsing_utils.results.PPLPResult`)."""
 
     task: str
     lm_eval_task: str
@@ -257,6 +292,8 @@ class TaskResult:
     tokens: int
     seconds: float
     higher_is_better: dict[str, bool] = field(default_factory=dict)
+    activation_ratio_ran: float | None = None
+    layer_activation_ratio_ran: list[float] | None = None
 
     @property
     def items_per_second(self) -> float:
@@ -287,6 +324,10 @@ class EvalReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("samples")
+        for task in d["tasks"].values():
+            for key in _MOE_ONLY:
+                if task[key] is None:
+                    del task[key]
         d["setting"] = self.setting
         return d
 
@@ -304,15 +345,24 @@ class EvalReport:
         return cls(**d)
 
     def table(self) -> str:
+        """One row per task; MoE models get a ``ran ratio`` column (over the experts that ran) beside
+        the activation ratio (over all expert neurons), as the ``sparsing measure`` table does."""
+        moe = any(t.activation_ratio_ran is not None for t in self.tasks.values())
         head = (f"{'task':<11} {'items':>6} {'acc':>7} {'±':>6} {'acc_norm':>8} {'ppl':>8} {'act. ratio':>10} "
-                f"{'items/s':>8}")
+                + (f"{'ran ratio':>10} " if moe else "") + f"{'items/s':>8}")
         rows = [head]
         for t in self.tasks.values():
             cells = [_cell(t.metrics.get(key), width, spec) for key, width, spec in _TABLE_COLUMNS]
+            ran = f"{_cell(t.activation_ratio_ran, 10, '.4f')} " if moe else ""
             rows.append(f"{t.task:<11} {t.n_items:>6} {' '.join(cells)} {_cell(t.activation_ratio, 10, '.4f')} "
-                        f"{t.items_per_second:>8.2f}")
+                        f"{ran}{t.items_per_second:>8.2f}")
+        if moe:
+            rows.append("act. ratio: over all expert neurons of each layer; ran ratio: over the neurons of the "
+                        "experts that ran for each token (shared experts in both)")
         return "\n".join(rows)
 
+
+_MOE_ONLY = ("activation_ratio_ran", "layer_activation_ratio_ran")  # TaskResult fields that dense models leave out
 
 # (metric, column width, format) of EvalReport.table
 _TABLE_COLUMNS = (("acc", 7, ".4f"), ("acc_stderr", 6, ".4f"), ("acc_norm", 8, ".4f"), ("perplexity", 8, ".2f"))
@@ -410,6 +460,8 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
         report.sparsity = {"file": None if sparsity_file is None else str(sparsity_file), "p": result.p,
                            "cett": result.cett, "activation_ratio_measured": result.activation_ratio,
                            "ppl_ratio": result.ppl_ratio, "thresholds": list(result.thresholds)}
+        if result.activation_ratio_ran is not None:  # MoE models
+            report.sparsity["activation_ratio_ran_measured"] = result.activation_ratio_ran
         if isinstance(sparsity, SparsityReport):
             report.sparsity["text"] = {k: v for k, v in sparsity.text.items() if not isinstance(v, (list, dict))}
     for name, task_obj in _task_objects(tasks, data_dir, manager, verbose):
@@ -433,7 +485,9 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
             task=name, lm_eval_task=key, source="local" if data_dir is not None else "hub",
             n_items=int(n["effective"]), n_items_total=int(n["original"]), metrics=_metrics(out["results"][key]),
             activation_ratio=counter.activation_ratio, layer_activation_ratio=counter.layer_activation_ratio,
-            tokens=counter.tokens, seconds=seconds, higher_is_better=dict(out.get("higher_is_better", {}).get(key, {})))
+            tokens=counter.tokens, seconds=seconds, higher_is_better=dict(out.get("higher_is_better", {}).get(key, {})),
+            activation_ratio_ran=counter.activation_ratio_ran,
+            layer_activation_ratio_ran=counter.layer_activation_ratio_ran)
         if keep_samples or keep_tokens:
             report.samples[name] = {"items": out.get("samples", {}).get(key, []), "tokens": counter.sequences}
     report.seconds = time.perf_counter() - start
@@ -492,9 +546,9 @@ def run_evaluation(model: str = "smollm2", tasks: Sequence[str] = DEFAULT_TASKS,
 
 def scores_frame(reports: Sequence[EvalReport]):
     """One row per (setting, task): the task's score (``LocalTask.score``: acc, HellaSwag acc_norm) in
-    points with its standard error, the items, the activation ratio during evaluation, and the drop
-    from the dense report's score on the same task (points; negative = worse). Exactly one report
-    must be dense."""
+    points with its standard error, the items, the activation ratio during evaluation (MoE models:
+    also ``activation_ratio_ran``, over the experts that ran), and the drop from the dense report's
+    score on the same task (points; negative = worse). Exactly one report must be dense."""
     import pandas as pd
 
     rows = []
@@ -508,7 +562,8 @@ def scores_frame(reports: Sequence[EvalReport]):
                          "group": spec.group if spec is not None else "other",
                          "metric": metric, "score": None if value is None else 100 * value,
                          "stderr": None if err is None else 100 * err, "n_items": t.n_items,
-                         "activation_ratio": t.activation_ratio, "seconds": t.seconds})
+                         "activation_ratio": t.activation_ratio, "seconds": t.seconds,
+                         **({} if t.activation_ratio_ran is None else {"activation_ratio_ran": t.activation_ratio_ran})})
     frame = pd.DataFrame(rows)
     dense = frame[frame["p"] == 0]
     if dense.empty or dense["task"].duplicated().any():

@@ -131,6 +131,14 @@ class FFNSite:
         """``||W_down[:, i]||_2`` for each neuron, float32 ``[d_ff]`` (PAPER.md Sec. 1)."""
         return self.weight_t().detach().float().pow(2).sum(dim=1).sqrt()  # = norm(dim=1): see cett.l2_norm
 
+    def ran_neurons(self, keep: torch.Tensor) -> torch.Tensor:  # keep [batch, seq, d_ff] -> [batch, seq] float32
+        """Neurons that ran on each token of the forward whose mask ``keep`` is: for an MoE layer those
+        of the experts routed to the token plus shared ones (:meth:`MoELayer.ran_neurons`), else all
+        ``d_ff``. The denominator of the MoE models' ``activation_ratio_ran`` (README, MoE models)."""
+        if self.moe is not None:
+            return self.moe.ran_neurons()
+        return keep.new_full(keep.shape[:-1], self.d_ff, dtype=torch.float32)
+
 
 def find_ffn_sites(model: nn.Module) -> list[FFNSite]:
     """Locate every decoder layer's FFN output projection (or MoE block: :func:`~sparsing_utils.moe.find_moe`).

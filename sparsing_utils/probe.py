@@ -527,8 +527,7 @@ class SparsityProbe:
             counts = rows(keep.sum(dim=-1, dtype=torch.float32)).to(self.device)  # [tokens]
             active[site.index] += counts.sum(dtype=torch.float64)
             if moe:
-                ran[site.index] += (rows(site.moe.ran_neurons()).to(self.device).sum(dtype=torch.float64)
-                                    if site.moe is not None else counts.numel() * site.d_ff)
+                ran[site.index] += rows(site.ran_neurons(keep)).to(self.device).sum(dtype=torch.float64)
             if per_tok is not None:
                 per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 

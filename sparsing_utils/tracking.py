@@ -12,7 +12,10 @@
   response to truncation would pull ``c`` away from the curve being fitted. Every other
   checkpoint (warmup, decay, the final one) is then measured at that same ``c``.
 * **per checkpoint**: tokens, stage, training and held-out loss, dense/sparse PPL, activation
-  ratio, per-layer ratios and CETT, thresholds.
+  ratio, per-layer ratios and CETT, thresholds; for an MoE run also ``activation_ratio_ran`` and
+  ``layer_activation_ratio_ran`` (over the neurons of the experts that ran for each token, as
+  :class:`~sparsing_utils.results.PPLPResult` has them; ``activation_ratio`` counts over all expert
+  neurons). The pattern frequencies count over all expert neurons.
 * **patterns** (Fig. 9 and 10) for chosen checkpoints (default: the last stable one and the
   final one), under their PPL-p% thresholds: per-neuron activation frequency per layer on held-out
   prose and on held-out code separately, the dead-neuron share (activated on < 0.1% of tokens, the
@@ -217,19 +220,23 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
             r = measured[ck.name]
             rec = {"ppl_dense": r.ppl_dense, "ppl_sparse": r.ppl_sparse, "ppl_ratio": r.ppl_ratio,
                    "activation_ratio": r.activation_ratio, "layer_activation_ratio": r.layer_activation_ratio,
-                   "layer_cett": r.layer_cett, "thresholds": r.thresholds}
+                   "layer_cett": r.layer_cett, "thresholds": r.thresholds,
+                   "activation_ratio_ran": r.activation_ratio_ran,
+                   "layer_activation_ratio_ran": r.layer_activation_ratio_ran}
         else:
             eps, cett = pr.thresholds_for(c)
             s = pr.sparse_pass(su.CETTRule(eps), per_token=False)
             rec = {"ppl_dense": pr.dense.ppl, "ppl_sparse": s.ppl, "ppl_ratio": s.ppl / pr.dense.ppl,
                    "activation_ratio": s.activation_ratio, "layer_activation_ratio": s.layer_active.tolist(),
-                   "layer_cett": cett.tolist(), "thresholds": eps.tolist()}
+                   "layer_cett": cett.tolist(), "thresholds": eps.tolist(),
+                   "activation_ratio_ran": s.activation_ratio_ran,
+                   "layer_activation_ratio_ran": None if s.layer_active_ran is None else s.layer_active_ran.tolist()}
         st = ck.state
         records.append({
             "name": ck.name, "tokens": ck.tokens, "step": ck.step, "stage": ck.stage,
             "in_search": ck.name in measured, "train_loss": st.get("train_loss"), "heldout_loss": st.get("heldout_loss"),
             "heldout_loss_by_domain": st.get("heldout_loss_by_domain"), "epochs": st.get("epochs"), "lr": st.get("lr"),
-            **{k: (_sigs(v, 6) if isinstance(v, list) else _sig(float(v), 7)) for k, v in rec.items()}})
+            **{k: (_sigs(v, 6) if isinstance(v, list) else _sig(float(v), 7)) for k, v in rec.items() if v is not None}})
         if ck.name in {x.name for x in chosen}:
             bs = max(1, pr.batch_size)
             patterns.append({"name": ck.name, "tokens": ck.tokens, "stage": ck.stage, "thresholds": rec["thresholds"],

@@ -31,7 +31,7 @@ from sparsing_utils.evaluation import (
     evaluate_model,
     run_evaluation,
 )
-from sparsing_utils.ffn import count_hooks
+from sparsing_utils.ffn import count_hooks, find_ffn_sites
 from sparsing_utils.models import LoadedModel, load_model
 from sparsing_utils.probe import SparsityProbe
 from sparsing_utils.results import PPLPResult, SparsityReport, sparse_inference
@@ -263,6 +263,76 @@ def test_sparse_run_is_sparse_and_matches_the_metric(data_dir):
     assert max(abs(a - b) for x, y in zip(lls, dense_lls) for a, b in zip(x, y)) > 1e-3  # sparsity changed them
 
 
+# -- MoE models: the ratio over the experts that ran, as the metric counts it ---------------
+
+def build_moe(family: str):
+    """A tiny random MoE model of test_moe's ``family`` (odd widths; Qwen2-MoE: a gated shared
+    expert and a dense first layer) on the character tokenizer's vocabulary, eager experts."""
+    import transformers as tf
+    from conftest import TINY_VOCAB
+    from test_moe import COMMON, FAMILIES
+
+    cfg_name, cls_name, extra = FAMILIES[family]
+    config = getattr(tf, cfg_name)(**{**COMMON, **extra, "vocab_size": TINY_VOCAB, "max_position_embeddings": 512})
+    config._experts_implementation = "eager"
+    torch.manual_seed(4)
+    return getattr(tf, cls_name)(config).float().eval()
+
+
+def thresholds_at_median_ran(model, tokenizer) -> list[float]:
+    """Per-layer thresholds at the median output norm of the neurons that ran (nonzero ``a``): about
+    half of them activated (the plain median of an MoE layer's ``v`` is 0, the experts that did not run)."""
+    from sparsing_utils.ffn import read_activations
+
+    ids = torch.tensor([tokenizer.encode("Question: How to open a jar?\nAnswer: Twist the lid.")])
+    norms = {}
+    with read_activations(model, lambda site, a: norms.__setitem__(
+            site.index, (a.abs() * site.column_norms()).flatten())), torch.no_grad():
+        model(ids)
+    return [float(norms[i][norms[i] > 0].median()) for i in range(len(norms))]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_run_records_both_ratios_as_the_metric(family, data_dir):
+    """On an MoE model the activation ratio during evaluation is counted both ways, each equal to the
+    metric's (``SparsityProbe.sparse_pass``) on the token rows the harness ran; over the experts that
+    ran it is the larger one; the dense run reports 1; the JSON and the table carry both."""
+    model = build_moe(family)
+    loaded = tiny_loaded(model)
+    eps = thresholds_at_median_ran(model, loaded.tokenizer)
+    layers = len(eps)
+    result = PPLPResult(p=5.0, cett=0.1, activation_ratio=0.2, ppl_dense=1.0, ppl_sparse=1.05, ppl_ratio=1.05,
+                        thresholds=eps, layer_activation_ratio=[0.2] * layers, layer_cett=[0.1] * layers,
+                        activation_ratio_ran=0.5, layer_activation_ratio_ran=[0.5] * layers)
+    report = evaluate_model(loaded, ["piqa", "copa"], data_dir=data_dir, sparsity=result, keep_tokens=True,
+                            batch_size=3)
+    assert count_hooks(model) == 0 and report.sparsity["activation_ratio_ran_measured"] == 0.5
+    sites = find_ffn_sites(model)
+    moe = [s.index for s in sites if s.moe is not None]
+    assert moe and (family != "qwen2_moe" or len(moe) == layers - 1)  # Qwen2-MoE's layer 0 is a dense FFN
+    for name in ("piqa", "copa"):
+        t = report.tasks[name]
+        rows = report.samples[name]["tokens"]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [2] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        stats = SparsityProbe(model, Blocks(ids, mask), batch_size=len(rows)).sparse_pass(CETTRule(eps))
+        assert t.layer_activation_ratio == pytest.approx(stats.layer_active.tolist(), abs=1e-6)
+        assert t.layer_activation_ratio_ran == pytest.approx(stats.layer_active_ran.tolist(), abs=1e-6)
+        assert t.activation_ratio_ran == pytest.approx(stats.activation_ratio_ran, abs=1e-6)
+        for i in moe:  # fewer neurons ran than the layer has: the ratio over those that ran is larger
+            assert 0.2 < t.layer_activation_ratio_ran[i] < 0.9
+            assert t.layer_activation_ratio_ran[i] > t.layer_activation_ratio[i] * 1.5
+        for s in sites:
+            if s.moe is None:  # a dense FFN layer counts the same both ways
+                assert t.layer_activation_ratio_ran[s.index] == pytest.approx(t.layer_activation_ratio[s.index])
+        d = report.to_dict()["tasks"][name]
+        assert d["activation_ratio_ran"] == t.activation_ratio_ran and len(d["layer_activation_ratio_ran"]) == layers
+    assert "ran ratio" in report.table()
+    dense = evaluate_model(loaded, ["copa"], data_dir=data_dir, batch_size=3).tasks["copa"]
+    assert dense.activation_ratio == dense.activation_ratio_ran == 1.0
+
+
 # -- the command line, end to end, and bad input ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -302,7 +372,9 @@ def test_cli_writes_eval_json(tmp_path, capsys, tiny_dir, tiny_result, data_dir)
     assert set(lam["metrics"]) == {"perplexity", "perplexity_stderr", "acc", "acc_stderr"}
     for t in (copa, lam):
         assert 0 < t["activation_ratio"] < 1 and len(t["layer_activation_ratio"]) == 3 and t["tokens"] > 0
-    assert "copa" in printed and "written:" in printed
+        assert "activation_ratio_ran" not in t and "layer_activation_ratio_ran" not in t  # dense model: unchanged
+    assert "activation_ratio_ran_measured" not in d["sparsity"]
+    assert "copa" in printed and "written:" in printed and "ran ratio" not in printed
 
 
 def lambada_ll(tiny_dir, data_dir) -> float:

@@ -74,6 +74,7 @@ def test_one_cett_for_the_run_and_the_mean_ppl_ratio(tracked):
     assert [c["name"] for c in searched] == t["search_checkpoints"]
     assert {c["stage"] for c in searched} == {"stable"} and len(searched) >= 15
     assert np.mean([c["ppl_ratio"] for c in searched]) == pytest.approx(t["mean_ppl_ratio"], abs=1e-6)
+    assert not any("activation_ratio_ran" in c or "layer_activation_ratio_ran" in c for c in r["checkpoints"])
     assert abs(t["mean_ppl_ratio"] - (1 + P / 100)) <= TOL
     for c in r["checkpoints"]:  # every checkpoint, searched or not, at the same c: each layer's CETT is c
         assert np.allclose(c["layer_cett"], t["cett"], atol=2e-4), c["name"]
@@ -159,3 +160,40 @@ def test_track_refuses_bad_runs_before_any_work(run, tmp_path, capsys):
         track(run, p=0, out=out, device="cpu")
     assert not out.exists()
     assert len(list_checkpoints(run)) == n_before  # nothing of the run was touched
+
+
+def test_moe_run_records_the_ratio_over_the_experts_that_ran(tmp_path, capsys):
+    """A Mixtral-style run (5 experts of width 13, top-2): every checkpoint record carries the
+    activation ratio over the experts that ran, per layer and overall, equal to the metric's
+    (``SparsityProbe.sparse_pass``) at the record's thresholds on the same held-out blocks, and
+    larger than the ratio over all expert neurons; the printed table gets a ``ran ratio`` column.
+    (The dense run's records have no such field: test above.)"""
+    import sparsing_utils as su
+
+    torch.set_num_threads(1)
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    cfg = tiny_config(corpus, num_experts=5, experts_top_k=2, d_ff=13, activation="silu", total_tokens=16 * 8 * 24,
+                      name="tiny-moe")
+    run = train(cfg, tmp_path / "moe", device="cpu", progress=False)
+    out = tmp_path / "moe.json"
+    assert cli.main(["track", "--run", str(run), "--p", "5", "--out", str(out), "--tokens", "512", "--block-len", "16",
+                     "--pattern-tokens", "256", "--token-set", "32", "--device", "cpu", "--tol", "5e-3",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ran ratio" in printed
+    r = json.loads(out.read_text())
+    text = r["tracking"]["text"]
+    blocks = open_corpus(r["config"]["corpus"]).heldout_blocks(text["tokens_by_domain"], text["block_len"])
+    by_name = {c.name: c for c in list_checkpoints(run)}
+    assert len(r["checkpoints"]) >= 4 and any(not c["in_search"] for c in r["checkpoints"])
+    for rec in r["checkpoints"]:
+        assert len(rec["layer_activation_ratio_ran"]) == 2
+        assert rec["activation_ratio_ran"] == pytest.approx(np.mean(rec["layer_activation_ratio_ran"]), abs=1e-5)
+        assert 0 < rec["activation_ratio"] < rec["activation_ratio_ran"] <= 1
+    searched = [c for c in r["checkpoints"] if c["in_search"]]
+    for rec in (r["checkpoints"][0], searched[-1]):  # the warmup one (measured at the run's c) and a searched one
+        assert not rec["in_search"] or rec is searched[-1]
+        model = load_checkpoint_model(by_name[rec["name"]])
+        stats = su.SparsityProbe(model, blocks).sparse_pass(su.CETTRule(rec["thresholds"]))
+        np.testing.assert_allclose(rec["layer_activation_ratio_ran"], stats.layer_active_ran.tolist(), atol=1e-5)
+        np.testing.assert_allclose(rec["layer_activation_ratio"], stats.layer_active.tolist(), atol=1e-5)
