@@ -25,17 +25,17 @@ __all__ = [
     "CETTCurve",
     "NormHistogram",
     "activation_limits",
+    "all_finite",
     "cett_per_token",
     "cett_statistics",
     "default_compute_dtype",
     "interpolate_thresholds",
+    "l2_norm",
     "neuron_norms",
     "refine_thresholds",
     "sketch_weight",
     "truncated_norms",
     "truncated_statistics",
-    "l2_norm",
-    "all_finite",
 ]
 
 
@@ -107,7 +107,8 @@ def activation_limits(col_norms: torch.Tensor, thresholds: torch.Tensor) -> torc
 
 def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
                          thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
-                         max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+                         max_elements: int = 1 << 26,
+                         blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm of the truncated tail and number of activated neurons, per threshold and token.
 
     Returns ``(|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||  [K, tokens] float32,
@@ -115,6 +116,14 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
     ``[d_ff, d_model]`` (or a sketch of it, :func:`sketch_weight`); thresholds: ``[K]``. The K
     masked copies of a chunk of ``a`` are stacked into one ``[K*t, d_ff] @ [d_ff, d_model]``
     product; chunks keep ``K * t * d_ff <= max_elements``.
+
+    ``blocks = (n, width)``: the first ``n * width`` columns of ``a`` are ``n`` blocks that are zero
+    on most tokens (the experts of an MoE layer's virtual activation vector, :mod:`sparsing_utils.moe`;
+    the columns after them are dense). Each block is then multiplied only on the tokens where it
+    is not all zero, and the per-token sums are accumulated over the blocks before the norm (the
+    norm is that of the whole FFN output's tail). A zero entry adds nothing to the sum and is
+    never activated (its norm 0 is ``<=`` every threshold ``>= 0``), so the result is the same
+    up to float rounding of the sum's order, at ``k / n`` of the cost for top-``k`` routing.
     """
     if a.dim() != 2:
         raise ValueError(f"a must be [tokens, d_ff], got shape {tuple(a.shape)}")
@@ -127,6 +136,8 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
     kept = torch.empty(n_k, tokens, device=a.device, dtype=torch.int32)  # [K, tokens]
     if tokens == 0 or n_k == 0:
         return norms, kept
+    if blocks is not None and bool((thresholds >= 0).all()):  # a negative threshold activates zeros
+        return _block_truncated_statistics(a, w, limits, blocks, norms, kept, cd, max_elements)
     k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
@@ -140,6 +151,50 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
             s = masked.reshape(-1, d_ff) @ w  # [k*t, d_model]
             norms[k0:k0 + k, t0:t0 + t] = l2_norm(s).view(k, t)
             kept[k0:k0 + k, t0:t0 + t] = d_ff - tail.sum(dim=-1, dtype=torch.int32)
+    return norms, kept
+
+
+def _block_truncated_statistics(a: torch.Tensor, w: torch.Tensor, limits: torch.Tensor, blocks: tuple[int, int],
+                                norms: torch.Tensor, kept: torch.Tensor, cd: torch.dtype,
+                                max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`truncated_statistics` of an ``a`` whose first ``n * width`` columns are ``n`` mostly-zero
+    blocks: each block's masked copies ``[k, rows, width] @ w_block`` only on its nonzero rows,
+    accumulated per token in float32 (the tail of the whole output, Eq. 2), then the norm."""
+    n_blocks, width = blocks
+    tokens, d_ff = a.shape
+    d_out, n_k, cut = w.shape[1], limits.shape[0], n_blocks * width
+    if cut > d_ff:
+        raise ValueError(f"{n_blocks} blocks of width {width} do not fit in a of width {d_ff}")
+    nonzero = a[:, :cut].reshape(tokens, n_blocks, width).ne(0).any(dim=-1)  # [tokens, n] the block ran
+    cols = [slice(j * width, (j + 1) * width) for j in range(n_blocks)] + ([slice(cut, d_ff)] if cut < d_ff else [])
+    k_group = max(1, min(n_k, max_elements // max(1, d_ff, d_out)))
+    for k0 in range(0, n_k, k_group):
+        lim = limits[k0:k0 + k_group]  # [k, d_ff]
+        k = lim.shape[0]
+        t_chunk = max(1, max_elements // (k * max(d_ff, d_out)))
+        for t0 in range(0, tokens, t_chunk):
+            t = min(t_chunk, tokens - t0)
+            s = torch.zeros(k, t, d_out, device=a.device, dtype=torch.float32)  # [k, t, d_model] tail sums
+            count = torch.zeros(k, t, device=a.device, dtype=torch.int32)  # activated neurons
+            for j, col in enumerate(cols):
+                if j < n_blocks:
+                    r = nonzero[t0:t0 + t, j].nonzero().squeeze(1)  # [rows] where block j is not all zero
+                    ac = a[t0:t0 + t, col].index_select(0, r)  # [rows, width]
+                else:
+                    r, ac = None, a[t0:t0 + t, col]  # the dense columns, every token
+                if ac.shape[0] == 0:
+                    continue
+                tail = ac.abs().unsqueeze(0) <= lim[:, col].unsqueeze(1)  # [k, rows, width] True = truncated
+                prod = ((ac.to(cd).unsqueeze(0) * tail).reshape(-1, ac.shape[1]) @ w[col]).view(k, -1, d_out)
+                active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32)  # [k, rows]
+                if r is None:
+                    s += prod.float()
+                    count += active
+                else:
+                    s.index_add_(1, r, prod.float())
+                    count.index_add_(1, r, active)
+            norms[k0:k0 + k, t0:t0 + t] = l2_norm(s)
+            kept[k0:k0 + k, t0:t0 + t] = count
     return norms, kept
 
 

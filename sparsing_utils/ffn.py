@@ -131,6 +131,12 @@ class FFNSite:
         """``||W_down[:, i]||_2`` for each neuron, float32 ``[d_ff]`` (PAPER.md Sec. 1)."""
         return self.weight_t().detach().float().pow(2).sum(dim=1).sqrt()  # = norm(dim=1): see cett.l2_norm
 
+    @property
+    def expert_blocks(self) -> tuple[int, int] | None:
+        """MoE layers: ``(E, d_expert)``, the expert blocks at the front of ``a`` (zero on the tokens
+        their expert did not run on), for :func:`~sparsing_utils.cett.truncated_statistics`; else None."""
+        return None if self.moe is None else (self.moe.num_experts, self.moe.d_expert)
+
     def ran_neurons(self, keep: torch.Tensor) -> torch.Tensor:  # keep [batch, seq, d_ff] -> [batch, seq] float32
         """Neurons that ran on each token of the forward whose mask ``keep`` is: for an MoE layer those
         of the experts routed to the token plus shared ones (:meth:`MoELayer.ran_neurons`), else all

@@ -388,7 +388,8 @@ class SparsityProbe:
         for site in self.sites:
             i = site.index
             sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i)
-            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid[i].to(a[i].device), y_norm[i])
+            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid[i].to(a[i].device), y_norm[i],
+                                  blocks=site.expert_blocks)
             sums[i, :-1] = c.to(self.device)
             sums[i, -1] = a[i].shape[0]
         _all_reduce(sums)  # [layers, K+2]: CETT sums at the grid, then the guide token count
@@ -407,7 +408,8 @@ class SparsityProbe:
 
         def add(site: FFNSite, a: torch.Tensor, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
             i = site.index
-            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm)
+            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm,
+                                  blocks=site.expert_blocks)
             cett_sum[i] += c.to(self.device)
 
         if self._acts is not None:

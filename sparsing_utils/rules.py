@@ -38,11 +38,14 @@ ZERO_SCORE = 1e-18
 
 class SparsityRule:
     """Base class. ``need_gate``: the rule scores neurons by ``act(W_gate x)``; ``routed_experts``:
-    MoE routers send each token to this many experts while the rule applies (None: unchanged)."""
+    MoE routers send each token to this many experts while the rule applies (None: unchanged);
+    ``keeps_zeros``: the rule may activate a neuron whose ``a_i`` is exactly 0 (False: never, so in
+    an MoE layer the experts that did not run, zeros in ``a``, need no mask of their own)."""
 
     name = "rule"
     need_gate = False
     routed_experts: int | None = None
+    keeps_zeros = True
 
     def keep(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None,
              col_norms: torch.Tensor) -> torch.Tensor:  # [..., d_ff] bool
@@ -58,6 +61,7 @@ class CETTRule(SparsityRule):
 
     thresholds: Sequence[float] | torch.Tensor
     name: str = field(default="cett", init=False)
+    keeps_zeros = False  # |0| * ||W_down[:, i]|| = 0 <= eps for every eps >= 0
 
     def __post_init__(self):
         t = torch.as_tensor(self.thresholds, dtype=torch.float32).reshape(-1)
@@ -153,6 +157,7 @@ class ReLURule(SparsityRule):
     """Straightforward ReLU sparsity: a neuron is activated iff ``a_i != 0``."""
 
     name: str = field(default="relu", init=False)
+    keeps_zeros = False
 
     def keep(self, site, a, gate, col_norms):
         return a != 0
@@ -211,7 +216,7 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
                 "input; check the dtype (try float32) and the input ids"
             )
         keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
-        if site.moe is not None:  # only neurons of the experts that ran (and shared ones) are activated
+        if site.moe is not None and rule.keeps_zeros:  # only neurons of the experts that ran (and shared ones)
             keep = keep & site.moe.ran_mask().to(keep.device)
         if record is not None:
             record(site, keep)

@@ -119,6 +119,48 @@ def test_truncated_norms_chunking_is_identical():
         truncated_norms(a[None], w_t, cn, eps)
 
 
+def _moe_case(seed: int, n_blocks: int = 5, width: int = 7, shared: int = 4, k: int = 2):
+    """A virtual MoE activation vector (sparsing_utils.moe): ``n_blocks`` expert blocks of which
+    ``k`` run on each token (the others exactly zero), then ``shared`` dense columns."""
+    g = torch.Generator().manual_seed(seed)
+    d_ff = n_blocks * width + shared
+    a = torch.randn(TOKENS, d_ff, generator=g) * torch.rand(TOKENS, 1, generator=g) * 3
+    ran = torch.zeros(TOKENS, n_blocks, dtype=torch.bool)
+    for t in range(TOKENS):
+        ran[t, torch.randperm(n_blocks, generator=g)[:k]] = True
+    ran[3] = False  # a token on which no expert ran (only the shared columns)
+    a[:, :n_blocks * width] *= ran.repeat_interleave(width, dim=1)
+    a[5, :width] = 0  # an expert that ran and gave exact zeros
+    a[5, 0] = 0.0
+    w_t = torch.randn(d_ff, D_MODEL, generator=g) * torch.rand(d_ff, 1, generator=g)
+    return a, w_t, w_t.norm(dim=1)
+
+
+@pytest.mark.parametrize("shared", [0, 4])
+def test_block_sparse_statistics_match_dense_and_brute_force(shared):
+    """MoE layers: the statistics computed expert by expert on the tokens each one ran on equal the
+    dense product's (CETT to float rounding, activated counts exactly) and the brute force."""
+    a, w_t, cn = _moe_case(seed=21 + shared, shared=shared)
+    eps = torch.tensor([0.0] + midpoint_thresholds(a, cn) + [float(neuron_norms(a, cn).max()) * 2])
+    dense = cett_per_token(a, w_t, cn, eps)
+    dense_sum, dense_active = cett_statistics(a, w_t, cn, eps)
+    for max_elements in (1, 50, 1 << 26):
+        got = cett_per_token(a, w_t, cn, eps, blocks=(5, 7), max_elements=max_elements)
+        torch.testing.assert_close(got, dense, atol=1e-6, rtol=1e-6)
+        c_sum, active = cett_statistics(a, w_t, cn, eps, blocks=(5, 7), max_elements=max_elements)
+        assert torch.equal(active, dense_active)
+        torch.testing.assert_close(c_sum, dense_sum, atol=1e-5, rtol=1e-6)
+    for k, e in enumerate(eps.tolist()):
+        ref = torch.tensor(brute_cett(a, w_t, cn, e), dtype=torch.float64)
+        torch.testing.assert_close(got[k].double(), ref, atol=2e-6, rtol=1e-5)
+        assert int(active[k]) == brute_active(a, cn, e)
+    # a negative threshold activates the zeros of the experts that did not run: the dense path answers
+    neg = torch.tensor([-1.0, 0.5])
+    assert torch.equal(cett_statistics(a, w_t, cn, neg, blocks=(5, 7))[1], cett_statistics(a, w_t, cn, neg)[1])
+    with pytest.raises(ValueError, match="do not fit"):
+        cett_statistics(a, w_t, cn, eps, blocks=(6, 7))
+
+
 def test_cett_statistics_matches_brute_force():
     a, w_t, cn = random_case(seed=5, relu=True, zero_token=0)
     eps = [0.0] + midpoint_thresholds(a, cn)

@@ -292,6 +292,22 @@ def test_cett_rule_bad_thresholds():
             CETTRule(bad)
 
 
+def test_rules_that_never_keep_zeros_say_so():
+    """``keeps_zeros = False`` lets an MoE layer skip the mask of the experts that did not run (their
+    ``a`` is exactly 0): every rule claiming it must reject zeros, at any threshold (0 included) and
+    with zero columns of ``W_down``; the rules that may keep zeros say so."""
+    site = find_ffn_sites(build_tiny_family("mistral"))[0]
+    zeros = torch.zeros(2, 3, site.d_ff)
+    col_norms = torch.rand(site.d_ff, generator=torch.Generator().manual_seed(3))
+    col_norms[::5] = 0
+    never = [CETTRule([0.0, 0.0]), CETTRule([1e-30, 2.0]), ReLURule()]
+    for rule in never:
+        assert rule.keeps_zeros is False
+        assert not rule.keep(site, zeros, zeros, col_norms).any()
+    assert DenseRule().keeps_zeros and TopKRule(0.5).keeps_zeros and FATRule(0.0).keeps_zeros
+    assert DenseRule().keep(site, zeros, zeros, col_norms).all()  # a rule that does keep zeros
+
+
 def test_apply_rule_non_finite_activations():
     model = build_tiny_family("llama")
     with torch.no_grad():
