@@ -68,7 +68,9 @@ def experts_for(probe: SparsityProbe, activation_ratios: Sequence[float]) -> lis
 def fat_eps_for(probe: SparsityProbe, activation_ratios: Sequence[float], *, tokens: int = 1024) -> list[float]:
     """The FAT-eps values at which the dense model's activation ratio (the fraction of gate
     scores ``|act(W_gate x)_i| > eps``, averaged over layers) is each of ``activation_ratios``,
-    read from the gate scores of the first ``tokens`` tokens (one short dense forward;
+    read from the gate scores of about ``tokens`` tokens spread over every block
+    (:meth:`~sparsing_utils.probe.SparsityProbe.gate_histogram`: the same tokens and the same
+    eps for any split of the blocks over processes; one dense forward without the LM head;
     resolution 1/256 decade in eps). A guide for placing sweep points: the sparse pass then
     measures the ratio the sparsified model actually has (upstream truncation moves it a little).
     """

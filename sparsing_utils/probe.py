@@ -26,8 +26,9 @@ curves are chosen by their place inside their block, so every world size uses th
 global subset (each rank measures its part of it); the threshold grid comes from a histogram
 of that subset's norms (integer counts, summed exactly); every other statistic is a float64
 sum all-reduced across ranks (losses, CETT sums, activated counts), which only the rounding
-of float64 additions can tell apart. No collective runs inside a hook, so ranks may run
-different numbers of batches.
+of float64 additions can tell apart. The gate-score histogram that places the FAT baseline
+(:meth:`SparsityProbe.gate_histogram`) takes its tokens by the same rule. No collective runs
+inside a hook, so ranks may run different numbers of batches.
 """
 from __future__ import annotations
 
@@ -360,15 +361,17 @@ class SparsityProbe:
         self.curve = self._guide_curve(a_all, y_all)
         return self
 
-    def _guide_rows_by_batch(self) -> dict[tuple[int, int], torch.Tensor]:
+    def _guide_rows_by_batch(self, chosen: torch.Tensor | None = None) -> dict[tuple[int, int], torch.Tensor]:
         """Stream mode: for each batch of :meth:`_run` (keyed by its rows ``start, stop`` among
-        this process's real tokens), the rows of its real tokens that are guide tokens, already on
-        the device (copied before the pass, so the hooks never wait for a copy)."""
+        this process's real tokens), the rows of its real tokens that are guide tokens (or
+        ``chosen [local real tokens]`` bool), already on the device (copied before the pass, so
+        the hooks never wait for a copy)."""
+        chosen = self._curve_rows if chosen is None else chosen
         real = self.attention_mask.sum(dim=1)  # [n_blocks]
         out, start = {}, 0
         for b in range(0, len(real), self.batch_size):
             stop = start + int(real[b:b + self.batch_size].sum())
-            out[start, stop] = self._curve_rows[start:stop].nonzero().squeeze(1).to(self.device)
+            out[start, stop] = chosen[start:stop].nonzero().squeeze(1).to(self.device)
             start = stop
         return out
 
@@ -547,20 +550,41 @@ class SparsityProbe:
 
     def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
         """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the
-        score of the FAT and Top-k baselines) on the first blocks that hold ``tokens`` real tokens:
-        one dense forward over those blocks, all-reduced under ``torch.distributed``."""
+        score of the FAT and Top-k baselines) on about ``tokens`` real tokens chosen as the guide
+        curves' are (:func:`curve_token_mask`): every ``s``-th real token of every block, ``s =
+        ceil(all real tokens / tokens)`` capped by the shortest block, so that every split of the
+        blocks over processes histograms the same global subset (all tokens when ``tokens`` covers
+        them). One dense forward over this process's blocks, stopped after the last FFN (no LM
+        head); integer counts, all-reduced under ``torch.distributed``: the same histogram for any split."""
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens!r}")
-        per_block = self.attention_mask.sum(dim=1).cumsum(0)  # [n_blocks] real tokens so far
-        n = min(len(per_block), int((per_block < tokens).sum()) + 1)
+        real = self.attention_mask.sum(dim=1)
+        real = real[real > 0]
+        shortest = _all_reduce_min(torch.tensor([float(real.min()) if len(real) else math.inf], dtype=torch.float64,
+                                                device=self.device)).item()
+        stride = max(1, int(min(math.ceil(self.n_tokens / tokens), shortest)))
+        chosen = curve_token_mask(self.attention_mask, stride)[self.attention_mask.bool()]  # [local real tokens]
+        by_batch = self._guide_rows_by_batch(chosen) if stride > 1 else None
         hist = NormHistogram(len(self.sites), device=self.device)
         rows = TokenRows()
+        seen: set[int] = set()
+        batch = [-1]
 
-        def read(site: FFNSite, a: torch.Tensor, gate: torch.Tensor) -> None:
-            hist.add(site.index, rows(gate).float().abs().to(self.device))  # [tokens, d_ff]; a is not changed
+        def read(site: FFNSite, a: torch.Tensor, gate: torch.Tensor) -> None:  # a is not changed
+            if rows.start != batch[0]:  # a new batch
+                batch[0] = rows.start
+                seen.clear()
+            g = rows(gate)  # [tokens, d_ff]
+            if by_batch is not None:
+                g = g.index_select(0, by_batch[rows.start, rows.stop].to(g.device))  # [chosen tokens, d_ff]
+            hist.add(site.index, g.float().abs().to(self.device))
+            seen.add(site.index)
+            if len(seen) == len(self.sites):  # every layer read: the LM head is not needed
+                raise _EnoughLayers
 
         with edit_activations(self.model, read, sites=self.sites, need_gate=True):
-            self._run(f"gate scores ({self.name})", rows, blocks=range(n), compute_loss=False)
+            self._run(f"gate scores ({self.name})", rows, compute_loss=False)
+        self.dense_passes += 1
         hist.all_reduce()
         return hist
 

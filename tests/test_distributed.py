@@ -14,10 +14,22 @@ threshold grid from its own first batch, and its answers moved with the world si
 0.679867, PPL ratio 1.0096701), bitwise equal on this machine: the guide tokens are chosen
 inside each block and every other statistic is an all-reduced float64 sum.
 
+The baselines placed by activation ratio are compared too (on the memory-mode probe): the gate
+histogram of about 128 tokens bin for bin, FAT's eps from it, and ``pareto_sweep``'s Top-k and FAT
+points at activation ratios 0.25, 0.5 and 0.8 (FAT's eps read off about 1,024 tokens). Before
+this test ``gate_histogram`` read each rank's first blocks: 22,896, 44,997 and 90,789 gate scores
+on 1, 2 and 4 processes, and the sweep's FAT eps were 0.913982 / 0.26896 / 0.153993 on one
+process against 0.905798 / 0.26896 / 0.152614 on two and four (activation ratios 0.247866 and
+0.797461 against 0.249256 and 0.800159, PPL ratio 1.492244 against 1.485105 at the first point),
+failing this test. Now every world size histograms the same 13,038 scores (82 tokens x 53 x 3
+layers) and sweeps FAT at 0.913982 / 0.26896 / 0.152614 (activation ratios 0.247866, 0.499548,
+0.800159); Top-k's values are the ratios themselves (0.245283, 0.490566, 0.792453 measured).
+
 Tolerance: ``c`` and every threshold to 1e-6 relative, PPL and activation ratios to 1e-6
 absolute. The statistics differ only by the order in which float64 partial sums are added
 (relative 1e-16), far below the search's own tolerances (1e-4 on a layer's CETT, 1e-3 on the
-PPL ratio) and below anything the old guide curves moved (1e-3 relative in ``c``).
+PPL ratio) and below anything the old guide curves moved (1e-3 relative in ``c``). Histogram
+counts, FAT's eps (a bin edge) and Top-k's values are compared exactly.
 """
 from __future__ import annotations
 
@@ -34,6 +46,9 @@ import torch.multiprocessing as mp
 
 N_BLOCKS, BLOCK_LEN, BATCH, CURVE_TOKENS = 41, 29, 3, 128
 MODES = ("memory", "stream")
+# Baselines placed by activation ratio (pareto_sweep's Top-k and FAT, FAT's eps read off the gate
+# scores of about 1,024 tokens: every 2nd of each block here, 559 of 1,154) and a gate histogram of about 128 tokens.
+SWEEP_RATIOS, GATE_TOKENS = (0.25, 0.5, 0.8), 128
 
 
 def tiny_odd_llama():
@@ -71,7 +86,8 @@ def shard_of(rank: int, world: int, scheme: str) -> list[int]:
 
 
 def search(blocks_idx: list[int], ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    """PPL-1% in both modes on the given blocks (of this process): the numbers to compare."""
+    """PPL-1% in both modes on the given blocks (of this process), then the baselines placed by
+    activation ratio on the memory-mode probe: the numbers to compare."""
     from sparsing_utils.probe import SparsityProbe
     from sparsing_utils.search import search_ppl_p
 
@@ -84,6 +100,23 @@ def search(blocks_idx: list[int], ids: torch.Tensor, mask: torch.Tensor) -> dict
         out[mode] = {"c": r.cett, "thresholds": r.thresholds, "activation_ratio": r.activation_ratio,
                      "ppl_ratio": r.ppl_ratio, "layer_cett": r.layer_cett, "converged": r.converged,
                      "sparse_passes": probe.sparse_passes}
+        if mode == "memory":
+            out["baselines"] = baselines(probe)
+    return out
+
+
+def baselines(probe) -> dict:
+    """The gate histogram of about GATE_TOKENS tokens (its nonzero bins), FAT's eps for
+    SWEEP_RATIOS from it, and pareto_sweep's Top-k and FAT points placed at SWEEP_RATIOS."""
+    from sparsing_utils.pareto import fat_eps_for, pareto_sweep
+
+    hist = probe.gate_histogram(GATE_TOKENS)
+    bins = hist.counts.nonzero().tolist()
+    out = {"gate_bins": [[i, j, float(hist.counts[i, j])] for i, j in bins], "gate_zeros": hist.zeros.tolist(),
+           "fat_eps_gate_tokens": fat_eps_for(probe, SWEEP_RATIOS, tokens=GATE_TOKENS)}
+    for rule in ("topk", "fat"):
+        frame = pareto_sweep(probe, rule, activation_ratios=SWEEP_RATIOS)
+        out[rule] = {k: frame[k].tolist() for k in ("value", "activation_ratio", "ppl_ratio")}
     return out
 
 
@@ -128,7 +161,20 @@ def run_world(tmp_path: Path, world: int, scheme: str, ids: torch.Tensor, mask: 
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def assert_same_baselines(a: dict, b: dict, what: str) -> None:
+    """The gate histogram bin for bin, FAT's eps and Top-k's ratios exactly (the same placements),
+    the swept points' activation and PPL ratios to 1e-6 (float64 sums all-reduced)."""
+    x, y = a["baselines"], b["baselines"]
+    assert y["gate_bins"] == x["gate_bins"] and y["gate_zeros"] == x["gate_zeros"], what
+    assert y["fat_eps_gate_tokens"] == x["fat_eps_gate_tokens"], (what, x["fat_eps_gate_tokens"], y["fat_eps_gate_tokens"])
+    for rule in ("topk", "fat"):
+        assert y[rule]["value"] == x[rule]["value"], (what, rule, x[rule]["value"], y[rule]["value"])
+        assert y[rule]["activation_ratio"] == pytest.approx(x[rule]["activation_ratio"], abs=1e-6), (what, rule)
+        assert y[rule]["ppl_ratio"] == pytest.approx(x[rule]["ppl_ratio"], abs=1e-6), (what, rule)
+
+
 def assert_same(a: dict, b: dict, what: str) -> None:
+    assert_same_baselines(a, b, what)
     for mode in MODES:
         x, y = a[mode], b[mode]
         assert x["converged"] and y["converged"], (what, mode)
@@ -149,6 +195,11 @@ def test_same_answer_on_1_2_and_4_processes(tmp_path):
         assert all(math.isfinite(t) and t > 0 for t in r["thresholds"])
     # memory and stream mode give the same answer on one process
     assert single["stream"]["c"] == pytest.approx(single["memory"]["c"], rel=1e-6)
+    # the baselines land near their target ratios (Top-k: round(r * 53) / 53 exactly; FAT: a guide)
+    base = single["baselines"]
+    assert base["topk"]["value"] == list(SWEEP_RATIOS) and base["fat"]["value"] == sorted(base["fat"]["value"], reverse=True)
+    assert base["topk"]["activation_ratio"] == pytest.approx([round(r * 53) / 53 for r in SWEEP_RATIOS], abs=1e-6)
+    assert base["fat"]["activation_ratio"] == pytest.approx(list(SWEEP_RATIOS), abs=0.05)
 
     two = run_world(tmp_path, 2, "strided", ids, mask)
     four = run_world(tmp_path, 4, "contiguous", ids, mask)
@@ -195,3 +246,39 @@ def test_guide_stride_is_capped_by_the_shortest_block():
     sums, _ = cett_statistics(a, sketch_weight(site.weight_t().detach(), probe.sketch_dim, seed=1),
                               probe.col_norms[1], probe.curve.eps[1], y)
     assert probe.curve.cett[1].tolist() == pytest.approx((sums / 41).tolist(), abs=1e-6)
+
+
+@torch.no_grad()
+def test_gate_histogram_counts_the_guide_style_tokens():
+    """gate_histogram(tokens) counts |act(W_gate x)| of exactly curve_token_mask(mask, s), s =
+    ceil(real tokens / tokens) capped by the shortest block (10 here: 82 of the 1,154 tokens for 128), and
+    of every real token once ``tokens`` covers them (the old first-blocks subset then too): checked
+    bin for bin against gates hooked by the test on the same batches."""
+    from sparsing_utils.cett import NormHistogram
+    from sparsing_utils.probe import SparsityProbe, curve_token_mask
+
+    torch.set_num_threads(1)
+    model = tiny_odd_llama()
+    ids, mask = all_blocks(model)
+    probe = SparsityProbe(model, SimpleNamespace(input_ids=ids, attention_mask=mask), batch_size=BATCH)
+    n_tokens, shortest = int(mask.sum()), int(mask.sum(dim=1).min())
+    assert (n_tokens, shortest, math.ceil(n_tokens / GATE_TOKENS)) == (1154, 22, 10)
+    layers = model.model.layers
+    for tokens, stride in ((GATE_TOKENS, 10), (n_tokens, 1), (10**6, 1)):
+        want = NormHistogram(len(layers))
+        chosen = curve_token_mask(mask, stride)
+        for b in range(0, N_BLOCKS, BATCH):
+            caught: list[torch.Tensor] = []
+            handles = [layer.mlp.act_fn.register_forward_hook(lambda m, a, y, _box=caught: _box.append(y))
+                       for layer in layers]
+            try:
+                model(input_ids=ids[b:b + BATCH], attention_mask=mask[b:b + BATCH], use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            for i, g in enumerate(caught):  # g [batch, seq, d_ff]
+                want.add(i, g[chosen[b:b + BATCH]].abs())
+        got = probe.gate_histogram(tokens)
+        assert int(got.counts.sum() + got.zeros.sum()) == 3 * 53 * int(chosen.sum()), tokens  # layers x d_ff each
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.zeros, want.zeros), tokens
+    assert int(curve_token_mask(mask, 10).sum()) == 82  # at most about 128, at least one in every block

@@ -577,15 +577,17 @@ def _gate_scores(model, ids) -> list[torch.Tensor]:
 
 
 def test_sweep_points_placed_by_activation_ratio(trained_llama, probe):
-    """Top-k takes the ratios as k / d_ff; FAT-eps reads them off the gate scores of the first
-    tokens: eps is the smallest histogram edge (1/256 decade) at which the mean fraction of
+    """Top-k takes the ratios as k / d_ff; FAT-eps reads them off the gate scores of about
+    ``tokens`` tokens spread over every block (256 of the 1,024: the 4th, 8th, ... token of each
+    block): eps is the smallest histogram edge (1/256 decade) at which the mean fraction of
     gates above it is at most the target, checked against gate scores hooked by the test."""
     targets = [0.3, 0.5, 0.7]
     topk = pareto_sweep(probe, "topk", activation_ratios=targets, score="magnitude")
     assert list(topk["value"]) == targets
     for r, a in zip(targets, topk["activation_ratio"]):
         assert a == pytest.approx(round(r * D_FF) / D_FF, abs=1e-6)
-    gates = _gate_scores(trained_llama.model, trained_llama.eval_ids[:4])  # the first 256 tokens
+    gates = [g.view(16, 64, D_FF)[:, 3::4].reshape(-1, D_FF)  # every 4th token of each of the 16 blocks: 256
+             for g in _gate_scores(trained_llama.model, trained_llama.eval_ids)]
     step = 10 ** (1 / 256)
 
     def above(e: float) -> float:
@@ -597,7 +599,7 @@ def test_sweep_points_placed_by_activation_ratio(trained_llama, probe):
         assert above(e) <= r + 1e-3 < above(e / step * (1 - 1e-6)) + 2e-3
     assert fat_eps_for(probe, [1.0]) == [0.0]  # every SiLU gate is nonzero
     fat = pareto_sweep(probe, "fat", activation_ratios=targets)
-    assert list(fat["value"]) == fat_eps_for(probe, targets)  # default: the first 1,024 tokens (all here)
+    assert list(fat["value"]) == fat_eps_for(probe, targets)  # default: 1,024 tokens (all here)
     # the sparse pass measures the real ratio; truncating layer 0 moves layer 1's gates a little
     assert list(fat["activation_ratio"]) == pytest.approx(targets, abs=0.05)
     with pytest.raises(ValueError, match="either values or activation_ratios"):
