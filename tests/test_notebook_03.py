@@ -15,11 +15,10 @@ from _notebooks import (
     assert_figures,
     assert_thin_and_stripped,
     check_reference,
-    execute,
+    execute_once,
     headline_text,
     numbers_in,
     shipped_run,
-    tagged_cells,
 )
 
 from sparsing_utils import fitting
@@ -33,17 +32,13 @@ VARIANTS = {"all pre-decay checkpoints": {}, "D/N >= 10": {"min_dn": 10}, "ReLU:
 
 
 def test_notebook_03_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK)
-    assert len(tagged_cells(NOTEBOOK, "headline")) == 4, "loss, activation, seeds, repetition"
+    assert_thin_and_stripped(NOTEBOOK, headlines=4)  # loss, activation, seeds, repetition
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The notebook executed once (cwd = notebooks/, so the default runs_dir is exercised)."""
-    tmp = tmp_path_factory.mktemp("nb03")
-    out = tmp / "out"
-    executed = execute(NOTEBOOK, tmp / "03.ipynb", {**PARAMETERS, "output_dir": str(out)})
-    return executed, out
+    return execute_once(tmp_path_factory, NOTEBOOK, PARAMETERS)
 
 
 def _series(run: dict, min_dn: float = 0, falling: bool = False):

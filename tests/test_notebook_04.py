@@ -14,11 +14,10 @@ from _notebooks import (
     assert_figures,
     assert_thin_and_stripped,
     check_reference,
-    execute,
+    execute_once,
     headline_text,
     numbers_in,
     shipped_run,
-    tagged_cells,
 )
 
 from sparsing_utils import analysis, fitting
@@ -30,16 +29,12 @@ SEEDS = [f"seeds/relu-2m-seed{s}" for s in range(3)]
 
 
 def test_notebook_04_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK)
-    assert len(tagged_cells(NOTEBOOK, "headline")) == 3, "activation (Fig. 5), loss (Fig. 6), the size effect"
+    assert_thin_and_stripped(NOTEBOOK, headlines=3)  # activation (Fig. 5), loss (Fig. 6), the size effect
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("nb04")
-    out = tmp / "out"
-    executed = execute(NOTEBOOK, tmp / "04.ipynb", {**PARAMETERS, "output_dir": str(out)})
-    return executed, out
+    return execute_once(tmp_path_factory, NOTEBOOK, PARAMETERS)
 
 
 def _pre(run: dict) -> list[dict]:

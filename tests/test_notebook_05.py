@@ -14,11 +14,10 @@ from _notebooks import (
     assert_figures,
     assert_thin_and_stripped,
     check_reference,
-    execute,
+    execute_once,
     headline_text,
     numbers_in,
     shipped_run,
-    tagged_cells,
 )
 
 from sparsing_utils import fitting, laws
@@ -33,16 +32,12 @@ needs_raw = pytest.mark.skipif(
 
 
 def test_notebook_05_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK)
-    assert len(tagged_cells(NOTEBOOK, "headline")) == 3, "Fig. 7, Fig. 9, Fig. 10"
+    assert_thin_and_stripped(NOTEBOOK, headlines=3)  # Fig. 7, Fig. 9, Fig. 10
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("nb05")
-    out = tmp / "out"
-    executed = execute(NOTEBOOK, tmp / "05.ipynb", {**PARAMETERS, "output_dir": str(out)})
-    return executed, out
+    return execute_once(tmp_path_factory, NOTEBOOK, PARAMETERS)
 
 
 @pytest.fixture(scope="module")
