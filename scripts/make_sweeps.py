@@ -8,9 +8,12 @@ so that the GPU session runs exactly these (``tests/test_sweeps.py`` checks they
   width/depth ratio ~21-27, each to 200 tokens per non-embedding parameter (the paper: >= 190);
 * width_depth: ReLU, seven shapes at ~2M non-embedding parameters (1.83M-2.21M), hidden/layers
   from 1.6 to 144 (the ~2M activation run is the 26.7 point);
-* seeds: the ~2M ReLU run with seeds 1 and 2 (seed 0 is the activation run);
+* seeds, seeds_silu: the ~2M ReLU (SiLU) run with seeds 1 and 2 (seed 0 is the activation run);
 * repetition: the ~2M ReLU run on the first 5% of every domain (many epochs) against the
-  full-corpus run.
+  full-corpus run;
+* moe (Fig. 2 on our own models): the ~2M ReLU shape as Mixtral-style MoE models of 8 experts (top-4) and
+  16 experts (top-7), each with the dense run's active FFN width (k x d_expert = 448) and tokens, and a second
+  training of the dense config (the Pareto baseline, and how far a rerun lands from the first).
 
 All: gated FFN with d_ff ~ 2.75 x hidden (a multiple of 32), head dim 32, tied embeddings, the
 corpus tokenizer's vocabulary (8,192), sequences of 512, 131,072 tokens per step (no gradient
@@ -54,11 +57,15 @@ SHAPES = {
     "d192-l5": (192, 5, 512), "d224-l3": (224, 3, 608), "d288-l2": (288, 2, 800),
 }
 
+# MoE runs train on the dense 2M run's tokens (200 per non-embedding parameter of the dense model), not 200
+# per parameter of all their experts
+MOE_TOKENS = {"tokens_per_param": None, "total_tokens": 381419520}
+
 # (run name, shape, changes, {sweep: name in that sweep}) in priority order: what must finish first.
 RUNS = [
     ("relu-2m", "2m", {}, {"activation": "relu-2m", "width_depth": "relu-d160-l6", "seeds": "relu-2m-seed0",
                            "repetition": "relu-2m-full"}),
-    ("silu-2m", "2m", {"activation": "silu"}, {"activation": "silu-2m"}),
+    ("silu-2m", "2m", {"activation": "silu"}, {"activation": "silu-2m", "seeds_silu": "silu-2m-seed0"}),
     ("relu-1m", "1m", {}, {"activation": "relu-1m"}),
     ("silu-1m", "1m", {"activation": "silu"}, {"activation": "silu-1m"}),
     ("relu-4m", "4m", {}, {"activation": "relu-4m"}),
@@ -74,6 +81,16 @@ RUNS = [
     ("relu-d192-l5", "d192-l5", {}, {"width_depth": "relu-d192-l5"}),
     ("relu-8m", "8m", {}, {"activation": "relu-8m"}),
     ("silu-8m", "8m", {"activation": "silu"}, {"activation": "silu-8m"}),
+    # SiLU seeds: the noise floor of the rising, converging SiLU curve (seed 0 is the activation run)
+    ("silu-2m-seed1", "2m", {"activation": "silu", "seed": 1}, {"seeds_silu": "silu-2m-seed1"}),
+    ("silu-2m-seed2", "2m", {"activation": "silu", "seed": 2}, {"seeds_silu": "silu-2m-seed2"}),
+    # Fig. 2 on our own models: MoE runs with the dense run's active FFN width (k x d_expert = 448) and
+    # its tokens, against a second training of the dense config (also: how far a rerun of the same
+    # config and seed lands from the first, GPU non-determinism only)
+    ("relu-2m-rerun", "2m", {}, {"moe": "relu-2m-rerun"}),
+    ("relu-2m-moe8", "2m", {"d_ff": 112, "num_experts": 8, "experts_top_k": 4, **MOE_TOKENS}, {"moe": "relu-2m-moe8"}),
+    ("relu-2m-moe16", "2m", {"d_ff": 64, "num_experts": 16, "experts_top_k": 7, **MOE_TOKENS},
+     {"moe": "relu-2m-moe16"}),
 ]
 
 # Throughput assumption for the estimates (not a measurement): model FLOP utilisation on one H200

@@ -119,7 +119,8 @@ class Run:
         self._spawn([self.args.python, "-m", "sparsing_utils.cli", "track", "--run", str(self.dir), "--p",
                      str(self.args.p), "--out", str(self.tracked), "--tokens", str(self.args.track_tokens),
                      "--pattern-tokens", str(self.args.pattern_tokens), "--token-set", str(self.args.token_set),
-                     "--device", self.args.device, "--sweep", next(iter(self.entry["sweeps"])), "--quiet"])
+                     "--device", self.args.device, "--sweep", next(iter(self.entry["sweeps"])), "--quiet"]
+                    + (["--pareto", self.args.pareto] if self.args.pareto else []))
 
     def publish(self) -> None:
         """Ship the tracked result into every sweep it belongs to (under that sweep's name for it): the
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--track-tokens", type=int, default=32768)
     ap.add_argument("--pattern-tokens", type=int, default=16384)
     ap.add_argument("--token-set", type=int, default=1024)
+    ap.add_argument("--pareto", default="", help="CETT targets for `sparsing track --pareto` (default: none)")
     ap.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS of each process")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--poll", type=float, default=3.0)

@@ -81,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--corpus", default=None, help="corpus folder (default: the run's)")
     tk.add_argument("--sweep", default=None, help="sweep name recorded in the result")
     tk.add_argument("--tol", type=float, default=1e-3, help="tolerance on the mean PPL ratio")
+    tk.add_argument("--pareto", default="", help="comma-separated CETT targets: Pareto points of the final checkpoint "
+                                                 "(and, for MoE runs, every number of routed experts; Fig. 2, 3)")
     tk.add_argument("--quiet", action="store_true", help="no progress bars")
     tk.set_defaults(func=_cmd_track)
 
@@ -174,10 +176,16 @@ def _cmd_track(args: argparse.Namespace) -> int:
     from .measure import check_search_options
     from .tracking import track
 
+    from .tracking import check_pareto_targets
+
     check_search_options(args.p, args.tol)  # before reading the run
+    try:
+        pareto = check_pareto_targets([float(c) for c in args.pareto.split(",") if c.strip()])
+    except ValueError as err:
+        raise SystemExit(f"sparsing track: --pareto {args.pareto!r}: {err}") from None
     r = track(args.run, p=args.p, out=args.out, tokens=args.tokens, device=args.device, mode=args.mode,
               corpus=args.corpus, block_len=args.block_len, pattern_tokens=args.pattern_tokens,
-              token_set=args.token_set, tol=args.tol, sweep=args.sweep, progress=not args.quiet)
+              token_set=args.token_set, tol=args.tol, sweep=args.sweep, pareto=pareto, progress=not args.quiet)
     t = r["tracking"]
     print(f"run {r['run']} | PPL-{t['p']:g}%: CETT {t['cett']:.4f}, mean PPL ratio {t['mean_ppl_ratio']:.4f} over "
           f"{len(t['search_checkpoints'])} checkpoints | {t['seconds']:.1f} s")

@@ -23,6 +23,10 @@
   tokens of each domain: the same tokens for every run that shares the corpus and block length),
   whose token ids are recorded once (``patterns.token_ids``: per domain, a list of ints) so that
   ratios can also be averaged per vocabulary token, as the paper's Fig. 10 does.
+* **pareto** (optional, ``pareto=[c, ...]``; Fig. 2 and 3 on our own runs): on the final checkpoint, one
+  sparse pass per CETT target (exact thresholds) and, for an MoE run, one per number of routed experts
+  ``k = 1..E`` (every neuron of the experts that ran kept: ``pareto_sweep(probe, "experts", ...)``), each
+  with its PPL ratio and activation ratio, on the search's held-out blocks.
 * the config, plan, corpus summary, code versions and the throughput/MFU summary of ``log.jsonl``.
 
 Floats are rounded (4 significant digits for frequencies and per-token ratios) so a run's JSON
@@ -144,16 +148,44 @@ def _choose_mode(mode: str, device: torch.device, n_probes: int, tokens: int, cf
     return "memory" if need <= budget else "stream"
 
 
+def _pareto_record(probe, cett_targets: Sequence[float]) -> dict:
+    """Fig. 2/3 points of one checkpoint: a sparse pass per CETT target and, for MoE models, per
+    number of routed experts ``k = 1..E`` (the fewest experts of any MoE layer)."""
+    import pandas as pd
+
+    from .moe import moe_layers
+    from .pareto import pareto_sweep
+
+    frames = [pareto_sweep(probe, "cett", list(cett_targets))]
+    layers = moe_layers(probe.sites)
+    if layers:
+        frames.append(pareto_sweep(probe, "experts", list(range(1, min(m.num_experts for m in layers) + 1))))
+    rows = pd.concat(frames, ignore_index=True).to_dict("records")
+    return {"name": probe.name, "ppl_dense": _sig(probe.dense.ppl, 7),
+            "rows": [{k: (v if isinstance(v, str) else _sig(float(v), 7)) for k, v in r.items()
+                      if not (isinstance(v, float) and math.isnan(v))} for r in rows]}
+
+
+def check_pareto_targets(pareto: Sequence[float]) -> list[float]:
+    """CETT targets for :func:`track`'s Pareto points, checked before any work."""
+    out = [float(c) for c in pareto]
+    bad = [c for c in out if not (0.0 < c < 1.0) or not math.isfinite(c)]
+    if bad:
+        raise ValueError(f"Pareto CETT targets must lie in (0, 1), got {bad}: pass e.g. 0.02,0.05,0.1,0.2,0.4")
+    return sorted(set(out))
+
+
 def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike | None = None,
           tokens: int = 32768, device: str = "auto", mode: str = "auto", corpus: str | None = None,
           block_len: int | None = None, pattern_tokens: int = 16384, token_set: int = 1024,
           search_stages: Sequence[str] = ("stable",), pattern_checkpoints: Sequence[str] = ("last-stable", "final"),
-          tol: float = 1e-3, sweep: str | None = None, progress: bool = True) -> dict:
+          tol: float = 1e-3, sweep: str | None = None, pareto: Sequence[float] = (), progress: bool = True) -> dict:
     """Algorithm 1 and activation patterns of a run (module docstring); writes ``out`` atomically.
 
     ``tokens``: held-out tokens for the search, split over domains by the run's mixture;
     ``pattern_tokens``/``token_set``: held-out tokens per domain for the frequencies and for the
-    per-token ratios; ``pattern_checkpoints``: checkpoint names or ``last-stable``/``final``.
+    per-token ratios; ``pattern_checkpoints``: checkpoint names or ``last-stable``/``final``;
+    ``pareto``: CETT targets of the final checkpoint's Pareto points (empty: none).
     """
     import sparsing_utils as su
 
@@ -166,6 +198,7 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
     start = time.perf_counter()
     run_dir = Path(run_dir)
     check_search_options([p], tol)
+    pareto = check_pareto_targets(pareto)
     cfg, saved = load_run_config(run_dir)
     ckpts = list_checkpoints(run_dir)  # every checkpoint is checked here: a corrupt one stops us before any work
     if not ckpts:
@@ -213,7 +246,7 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
     result = su.search_checkpoints([probes[c.name] for c in searched], p, tol=tol)
     c = float(result.cett)
     measured = {name: r for name, r in zip(result.names, result.checkpoints)}
-    records, patterns = [], []
+    records, patterns, pareto_rec = [], [], None
     for ck in ckpts:
         pr = probes.get(ck.name) or probe(ck)
         if ck.name in measured:
@@ -241,6 +274,8 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
             bs = max(1, pr.batch_size)
             patterns.append({"name": ck.name, "tokens": ck.tokens, "stage": ck.stage, "thresholds": rec["thresholds"],
                              **_pattern_record(pr.model, pattern_blocks, rec["thresholds"], token_set, bs)})
+        if pareto and ck is ckpts[-1]:
+            pareto_rec = _pareto_record(pr, pareto)
         if ck.name not in probes:
             pr.release()
             del pr
@@ -267,6 +302,8 @@ def track(run_dir: str | os.PathLike, *, p: float = 1.0, out: str | os.PathLike 
                      "token_ids": {d: b.input_ids.flatten()[:token_set].tolist() for d, b in pattern_blocks.items()},
                      "checkpoints": patterns},
     }
+    if pareto_rec is not None:
+        payload["pareto"] = pareto_rec
     if out is not None:
         atomic_write_json(out, payload, indent=None)
     return payload

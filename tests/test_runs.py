@@ -392,7 +392,7 @@ def test_shipped_results_are_complete_and_not_duplicated():
     plan = json.loads((ROOT / "configs" / "plan.json").read_text())
     entries = runs.load_runs()
     full = [r for r in entries if not r.is_alias]
-    assert len(full) == 14 and len(entries) == 17
+    assert len(full) == 14 and len(entries) == 18
     by_key = {r.key: r for r in entries}
     shipped = [e for e in plan["runs"] if f"{next(iter(e['sweeps']))}/{e['sweeps'][next(iter(e['sweeps']))]}" in by_key]
     assert len(shipped) == 14

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def tracked(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("result") / "sweep" / "tiny.json"
     assert cli.main(["track", "--run", str(run), "--p", str(P), "--out", str(out), "--tokens", "1024",
                      "--block-len", "16", "--pattern-tokens", "512", "--token-set", "64", "--device", "cpu",
-                     "--tol", str(TOL), "--sweep", "tests", "--quiet"]) == 0
+                     "--tol", str(TOL), "--sweep", "tests", "--pareto", "0.3,0.05,0.15", "--quiet"]) == 0
     return out
 
 
@@ -130,6 +131,29 @@ def test_patterns_per_domain_and_token_set(run, tracked):
     assert final["dead_share_all"] == pytest.approx(np.mean(np.mean(all_freq, axis=0) < DEAD_FREQUENCY), abs=1 / 74)
 
 
+def test_pareto_points_of_the_final_checkpoint_match_a_brute_force_pass(run, tracked):
+    """``--pareto``: one exact-threshold sparse pass per CETT target on the final checkpoint, in
+    ascending order, each equal to the independent brute-force pass at that target's thresholds."""
+    import sparsing_utils as su
+
+    r = json.loads(tracked.read_text())
+    par = r["pareto"]
+    final = list_checkpoints(run)[-1]
+    assert par["name"] == final.name == r["checkpoints"][-1]["name"]
+    assert [row["value"] for row in par["rows"]] == [0.05, 0.15, 0.3] and {row["rule"] for row in par["rows"]} == {"cett"}
+    ratios = [row["activation_ratio"] for row in par["rows"]]
+    assert ratios[0] > ratios[1] > ratios[2] > 0  # a larger CETT target cuts more neurons
+    text = r["tracking"]["text"]
+    blocks = open_corpus(r["config"]["corpus"]).heldout_blocks(text["tokens_by_domain"], text["block_len"])
+    model = load_checkpoint_model(final)
+    eps, _ = su.SparsityProbe(model, blocks).thresholds_for(0.15)
+    layer_ratios, ppl, _ = _sparse_pass(model, blocks.input_ids, eps.tolist())
+    row = par["rows"][1]
+    assert row["activation_ratio"] == pytest.approx(float(np.mean(layer_ratios)), abs=1e-5)
+    assert row["ppl"] == pytest.approx(ppl, rel=1e-4)
+    assert row["ppl_ratio"] == pytest.approx(ppl / par["ppl_dense"], rel=1e-4)
+
+
 def test_run_summary_merges_the_training_log(run, tracked):
     r = json.loads(tracked.read_text())
     s = throughput_summary(run)
@@ -178,7 +202,7 @@ def test_moe_run_records_the_ratio_over_the_experts_that_ran(tmp_path, capsys):
     out = tmp_path / "moe.json"
     assert cli.main(["track", "--run", str(run), "--p", "5", "--out", str(out), "--tokens", "512", "--block-len", "16",
                      "--pattern-tokens", "256", "--token-set", "32", "--device", "cpu", "--tol", "5e-3",
-                     "--quiet"]) == 0
+                     "--pareto", "0.1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ran ratio" in printed
     r = json.loads(out.read_text())
@@ -197,3 +221,28 @@ def test_moe_run_records_the_ratio_over_the_experts_that_ran(tmp_path, capsys):
         stats = su.SparsityProbe(model, blocks).sparse_pass(su.CETTRule(rec["thresholds"]))
         np.testing.assert_allclose(rec["layer_activation_ratio_ran"], stats.layer_active_ran.tolist(), atol=1e-5)
         np.testing.assert_allclose(rec["layer_activation_ratio"], stats.layer_active.tolist(), atol=1e-5)
+    # Fig. 2 points: one per number of routed experts; with the trained top-2 the model is unchanged
+    # (PPL ratio 1, 2 of 5 experts' neurons), with all 5 every expert neuron counts as active
+    experts = {row["value"]: row for row in r["pareto"]["rows"] if row["rule"] == "experts"}
+    assert sorted(experts) == [1, 2, 3, 4, 5]
+    assert experts[2]["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert experts[2]["activation_ratio"] == pytest.approx(2 / 5, abs=1e-6)
+    assert experts[5]["activation_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert all(experts[k]["activation_ratio_ran"] == pytest.approx(1.0, abs=1e-6) for k in experts)
+
+
+def test_token_set_script_recovers_the_recorded_token_ids(run, tracked, tmp_path):
+    """scripts/heldout_token_ids.py reads the same ids from the corpus as track recorded (Fig. 10 by
+    vocabulary token for results written before track recorded them)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import heldout_token_ids
+
+    r = json.loads(tracked.read_text())
+    out = tmp_path / "ids.json"
+    assert heldout_token_ids.main(["--corpus", r["config"]["corpus"], "--token-set", "64", "--block-len", "16",
+                                   "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["token_ids"] == r["patterns"]["token_ids"]
+    assert got["corpus"]["train_tokens"] == r["corpus"]["train_tokens"]

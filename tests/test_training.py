@@ -442,7 +442,12 @@ def test_sweep_configs_are_in_sync_and_meet_the_issue():
     for r in plan["runs"]:
         cfg = TrainConfig.from_json(ROOT / r["config"])
         p = make_plan(cfg, make_sweeps.VOCAB)
-        assert p.total_tokens >= 200 * p.non_embedding_params and len(p.checkpoint_steps) >= 21
+        if cfg.is_moe:  # Fig. 2: the dense 2M run's active FFN width and tokens
+            dense = TrainConfig.from_json(ROOT / runs["relu-2m"]["config"])
+            assert cfg.experts_top_k * cfg.d_ff == dense.d_ff and p.total_tokens == runs["relu-2m"]["total_tokens"]
+            assert len(p.checkpoint_steps) >= 21
+        else:
+            assert p.total_tokens >= 200 * p.non_embedding_params and len(p.checkpoint_steps) >= 21
         assert p.decay_start in p.checkpoint_steps and p.grad_accum == 1 and cfg.compile
     sizes = {runs[f"{a}-{s}"]["non_embedding_params"] for a in ("relu", "silu") for s in ("1m", "2m", "4m")}
     assert len(sizes) == 3
@@ -451,6 +456,8 @@ def test_sweep_configs_are_in_sync_and_meet_the_issue():
     assert len(wd) >= 6 and ratios[0] <= 2 and ratios[-1] >= 140
     assert all(abs(r["non_embedding_params"] / 2e6 - 1) < 0.12 for r in wd)
     assert len([r for r in plan["runs"] if "seeds" in r["sweeps"]]) == 3
+    assert len([r for r in plan["runs"] if "seeds_silu" in r["sweeps"]]) == 3
+    assert {r["run"] for r in plan["runs"] if "moe" in r["sweeps"]} == {"relu-2m-rerun", "relu-2m-moe8", "relu-2m-moe16"}
     assert TrainConfig.from_json(ROOT / runs["relu-2m-frac005"]["config"]).train_fraction == 0.05
     assert [r["priority"] for r in plan["runs"]] == sorted(r["priority"] for r in plan["runs"])
 
