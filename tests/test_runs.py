@@ -386,16 +386,17 @@ def test_token_ratio_pairs_by_position_and_by_vocabulary(tree):
 # the shipped files
 # ---------------------------------------------------------------------------
 def test_shipped_results_are_complete_and_not_duplicated():
-    """data/runs/: 14 trained runs, each stored once; every other sweep place of a run is an alias;
+    """data/runs/: 18 trained runs, each stored once; every other sweep place of a run is an alias;
     each file is what configs/plan.json says the sweeps hold, with the committed config, a converged
-    Algorithm 1 and the same held-out token set."""
+    Algorithm 1 and the same held-out token set, whose ids every file holds (recorded by track, or
+    attached afterwards from the same corpus, and then equal to the recorded ones)."""
     plan = json.loads((ROOT / "configs" / "plan.json").read_text())
     entries = runs.load_runs()
     full = [r for r in entries if not r.is_alias]
-    assert len(full) == 14 and len(entries) == 18
+    assert len(full) == 18 and len(entries) == 22
     by_key = {r.key: r for r in entries}
     shipped = [e for e in plan["runs"] if f"{next(iter(e['sweeps']))}/{e['sweeps'][next(iter(e['sweeps']))]}" in by_key]
-    assert len(shipped) == 14
+    assert len(shipped) == 18
     for e in shipped:
         (home, name), *others = e["sweeps"].items()
         r = by_key[f"{home}/{name}"]
@@ -418,9 +419,13 @@ def test_shipped_results_are_complete_and_not_duplicated():
         assert all(0 < c["activation_ratio"] < 1 for c in r.checkpoints)
         assert r.path.stat().st_size < 1_000_000
     ref = full[0]
+    recorded = [r for r in full if "token_ids_source" not in r.data["patterns"]]
+    assert len(recorded) == 4  # this session's runs: ids written by track itself
     for r in full[1:]:  # all were measured on one corpus: their per-token ratios can be paired
         runs.token_ratio_pair(ref, r, "prose")
+        runs.token_ratio_pair(ref, r, "code", by="vocabulary")
         assert r.data["corpus"]["unique_tokens"]["total"] == 148_704_201
+        assert r.data["patterns"]["token_ids"] == recorded[0].data["patterns"]["token_ids"]
 
 
 # ---------------------------------------------------------------------------
