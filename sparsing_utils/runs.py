@@ -481,12 +481,26 @@ def fit_loss_limits(runs: Iterable[RunResult], *, column: str = "heldout_loss", 
 _NOT_CONFIG = ("seed", "name", "corpus")
 
 
+def _model_config(r: RunResult) -> dict:
+    """The run's config without seed/name/corpus, through TrainConfig (so runs trained before issue 10,
+    whose dense configs say num_experts 1 / experts_top_k 1 and lack the MoE-only fields, compare
+    equal to the same dense config written today)."""
+    from .training import TrainConfig
+
+    cfg = TrainConfig.from_dict(r.config)
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_CONFIG}
+    if not cfg.is_moe:
+        for k in ("num_experts", "experts_top_k", "moe_style", "router_aux_loss_coef"):
+            d.pop(k)
+    return d
+
+
 def _check_seed_group(runs: Sequence[RunResult]) -> None:
     if len(runs) < 2:
         raise ValueError(f"a seed spread needs at least 2 runs, got {len(runs)}")
-    base = {k: v for k, v in runs[0].config.items() if k not in _NOT_CONFIG}
+    base = _model_config(runs[0])
     for r in runs[1:]:
-        other = {k: v for k, v in r.config.items() if k not in _NOT_CONFIG}
+        other = _model_config(r)
         diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
         if diff:
             raise ValueError(f"{r.key} differs from {runs[0].key} in {diff}, not only in the seed; "

@@ -32,7 +32,7 @@ VARIANTS = {"all pre-decay checkpoints": {}, "D/N >= 10": {"min_dn": 10}, "ReLU:
 
 
 def test_notebook_03_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK, headlines=4)  # loss, activation, seeds, repetition
+    assert_thin_and_stripped(NOTEBOOK, headlines=5)  # loss, activation, seeds, SiLU seeds and the rerun, repetition
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_figures_are_saved(run):
 @pytest.mark.notebook
 def test_headlines_print_the_computed_numbers(run):
     executed, out = run
-    loss_text, act_text, seed_text, rep_text = headline_text(executed)
+    loss_text, act_text, seed_text, silu_text, rep_text = headline_text(executed)
     seeds = [shipped_run(k) for k in SEEDS]
     loss_sd = np.std([s["checkpoints"][-1]["heldout_loss"] for s in seeds], ddof=1)
     for line, size in zip(loss_text.strip().splitlines(), ("1m", "2m", "4m")):
@@ -144,6 +144,20 @@ def test_headlines_print_the_computed_numbers(run):
     rises = [_last_stable(s)["activation_ratio"] - min(c["activation_ratio"] for c in s["checkpoints"]
                                                         if c["stage"] != "decay") for s in seeds]
     assert numbers_in(seed_text.splitlines()[0])[1::2][:3] == pytest.approx(rises, abs=6e-5)
+    silu = [shipped_run(f"seeds_silu/silu-2m-seed{s}") for s in range(3)]
+    silu_last = [_last_stable(s)["activation_ratio"] for s in silu]
+    line = silu_text.splitlines()[0]
+    assert f"last stable {', '.join(f'{v:.3f}' for v in silu_last)} (sd {np.std(silu_last, ddof=1):.4f})" in line
+    sizes = [_last_stable(shipped_run(f"activation/silu-{s}"))["activation_ratio"] for s in ("1m", "2m", "4m")]
+    assert numbers_in(silu_text.splitlines()[1])[-2:] == pytest.approx([np.std(sizes, ddof=1), np.std(silu_last, ddof=1)],
+                                                                        abs=6e-5)
+    a, b = shipped_run("activation/relu-2m"), shipped_run("moe/relu-2m-rerun")
+    dense_only = {"name", "num_experts", "experts_top_k", "moe_style", "router_aux_loss_coef"}  # (fields added later)
+    assert {k: v for k, v in a["config"].items() if k not in dense_only} == \
+        {k: v for k, v in b["config"].items() if k not in dense_only}  # the same config and seed, trained twice
+    assert (f"last stable {_last_stable(a)['activation_ratio']:.4f} / {_last_stable(b)['activation_ratio']:.4f} "
+            f"({(_last_stable(b)['activation_ratio'] - _last_stable(a)['activation_ratio']) / last_sd:+.1f} ReLU seed sd)"
+            ) in silu_text
     rep = pd.read_csv(out / "repetition.csv").set_index("run")
     small = shipped_run("repetition/relu-2m-frac005")
     assert f"relu-2m-frac005: {rep.loc['relu-2m-frac005', 'epochs']:.1f} epochs" in rep_text
