@@ -243,18 +243,17 @@ class ExpertRows:
         shared = flat[:, e_all * de:] if self.shared is not None else None
         return ExpertRows(self.n_tokens, de, self.rows, values, shared, self.lead, self.ascending)
 
-    def map(self, fn: Callable[[slice, torch.Tensor], torch.Tensor]) -> ExpertRows:
-        """``fn(columns, values)`` on every stored block (same rows)."""
+    def map(self, fn: Callable[[slice, torch.Tensor, torch.Tensor | None], torch.Tensor],
+            other: ExpertRows | None = None) -> ExpertRows:
+        """``fn(columns, values, other's values there or None)`` on every stored block: same rows, new
+        values (``other``: the same routing, e.g. the gate scores or a mask)."""
         de, e_all = self.d_expert, self.num_experts
-        values = [fn(slice(e * de, (e + 1) * de), x) for e, x in enumerate(self.values)]
-        shared = fn(slice(e_all * de, self.d_ff), self.shared) if self.shared is not None else None
+        theirs = other.values if other is not None else [None] * e_all
+        values = [fn(slice(e * de, (e + 1) * de), x, y) for e, (x, y) in enumerate(zip(self.values, theirs))]
+        shared = None
+        if self.shared is not None:
+            shared = fn(slice(e_all * de, self.d_ff), self.shared, None if other is None else other.shared)
         return ExpertRows(self.n_tokens, de, self.rows, values, shared, self.lead, self.ascending)
-
-    def zip_map(self, other: ExpertRows, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ExpertRows:
-        """``fn(mine, theirs)`` block by block with another one of the same routing."""
-        values = [fn(x, y) for x, y in zip(self.values, other.values)]
-        shared = fn(self.shared, other.shared) if self.shared is not None else None
-        return ExpertRows(self.n_tokens, self.d_expert, self.rows, values, shared, self.lead, self.ascending)
 
     def row_sums(self) -> torch.Tensor:
         """Per token, the sum of its stored entries in float32 (for a mask: the neurons kept): ``[*lead]``,
@@ -481,7 +480,7 @@ class MoELayer:
         cur, keep, changed = v, None, False
 
         def current() -> ExpertRows:
-            return cur if keep is None else cur.zip_map(keep, torch.mul)
+            return cur if keep is None else cur.map(lambda _, x, k: x * k, keep)
 
         for edit, _, compact in visits.edits:
             if keep is not None:  # the next edit sees the masked v; the a of the experts is then v' / w
