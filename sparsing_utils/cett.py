@@ -294,6 +294,10 @@ class NormHistogram:
         idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
         self.counts[layer].index_add_(0, idx, positive.to(self.counts.dtype))
 
+    def add_zeros(self, layer: int, n: int) -> None:
+        """Count ``n`` exact zeros (entries not stored: an MoE layer's experts that did not run)."""
+        self.zeros[layer] += n
+
     def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
         """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.
 

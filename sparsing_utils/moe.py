@@ -203,6 +203,10 @@ class ExpertRows:
     def dtype(self) -> torch.dtype:
         return self.values[0].dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.values[0].device
+
     def sorted(self) -> ExpertRows:
         """Each expert's rows in ascending token order (the forward keeps transformers' order, which
         its products depend on bitwise; the CETT statistics want tokens in order)."""
