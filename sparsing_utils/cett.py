@@ -146,11 +146,9 @@ def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
     kept = torch.empty(n_k, tokens, device=x.device, dtype=torch.int32)  # [K, tokens]
     if tokens == 0 or n_k == 0:
         return norms, kept
-    if compact:
-        return _parts_truncated_statistics(a.parts(), tokens, w, limits, norms, kept, cd, max_elements)
-    if blocks is not None and bool((thresholds >= 0).all()):  # a negative threshold activates zeros
-        return _parts_truncated_statistics(_nonzero_blocks(a, blocks), tokens, w, limits, norms, kept, cd,
-                                           max_elements)
+    if compact or (blocks is not None and bool((thresholds >= 0).all())):  # a negative threshold activates zeros
+        parts = a.parts() if compact else _nonzero_blocks(a, blocks)
+        return _parts_truncated_statistics(parts, tokens, w, limits, norms, kept, cd, max_elements)
     k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
@@ -192,15 +190,17 @@ def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, to
     """:func:`truncated_statistics` of an ``a [tokens, d_ff]`` given block by block, ``(columns, rows
     [r] ascending or None for every token, values [r or tokens, width])``, zero elsewhere: each
     block's masked copies ``[k, rows, width] @ w_block`` only on its rows, accumulated per token in
-    float32 (the tail of the whole output, Eq. 2), then the norm. Chunks of tokens as for the full
-    width ``d_ff``, so the products are the same whichever way ``a`` came."""
-    d_ff, d_out = w.shape
+    float32 (the tail of the whole output, Eq. 2), then the norm. Chunks of tokens keep
+    ``k * t * max(width, d_model) <= max_elements`` for the widest block: one expert's width, not
+    the layer's (on a GPU the products of a layer are few and launch-bound)."""
+    d_out = w.shape[1]
+    width = max(x.shape[1] for _, _, x in parts)
     n_k = limits.shape[0]
-    k_group = max(1, min(n_k, max_elements // max(1, d_ff, d_out)))
+    k_group = max(1, min(n_k, max_elements // max(1, width, d_out)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
         k = lim.shape[0]
-        t_chunk = max(1, max_elements // (k * max(d_ff, d_out)))
+        t_chunk = max(1, max_elements // (k * max(width, d_out)))
         starts = list(range(0, tokens, t_chunk)) + [tokens]
         # where each block's rows enter each chunk of tokens (rows ascending)
         bounds = [None if r is None else [0, len(r)] if len(starts) == 2 else
