@@ -453,24 +453,29 @@ class MoELayer:
         n, e_all, de = h.shape[0], self.num_experts, self.d_expert
         visits = _VISITS[self.block]
         need_gate = any(wants for _, wants, _ in visits.edits)
-        # The eager loop of transformers' experts: the tokens of each expert that was hit.
+        # The eager loop of transformers' experts, each on its tokens in transformers' order (by slot among
+        # the k, then token), grouped by one stable sort: one device synchronisation per layer. An index of
+        # E (a dropped slot) sorts last and runs nothing.
         with torch.no_grad():
-            expert_mask = F.one_hot(index, num_classes=e_all + 1).permute(2, 1, 0)  # [E+1, k, T]
-            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+            slots = index.t().reshape(-1)  # [k T]: slot 0 of every token, then slot 1, ...
+            order = slots.argsort(stable=True)  # [k T] grouped by expert
+            bounds = torch.searchsorted(slots[order], torch.arange(e_all + 1, device=slots.device, dtype=slots.dtype)).tolist()
         no_rows, no_values = index.new_empty(0), h.new_empty(0, de)
         rows, values, gates = [no_rows] * e_all, [no_values] * e_all, [no_values] * e_all
         runs = []  # (e, tok [n_e], w [n_e, 1], a [n_e, d_e])
-        for e in hit[:, 0].tolist():
-            if e == e_all:
+        for e in range(e_all):
+            if bounds[e] == bounds[e + 1]:
                 continue
-            pos, tok = torch.where(expert_mask[e])  # [n_e] tokens (by slot among the k, as transformers orders them)
+            chosen = order[bounds[e]:bounds[e + 1]]  # [n_e] places in slots
+            pos, tok = chosen // n, chosen % n  # [n_e] slot among the k, token
             a, g = self.kind.activations(self.experts, e, h[tok])  # [n_e, d_e]
             w = weights[tok, pos, None]  # [n_e, 1]
             rows[e], values[e] = tok, (a * w).to(h.dtype)  # v's rows of expert e, routing weight folded in
             if need_gate:
                 gates[e] = g.to(h.dtype)
             runs.append((e, tok, w, a))
-        visits.ran = expert_mask[:e_all].sum(dim=1).bool().t().reshape(*lead, e_all)  # [batch, seq, E]
+        ran = torch.zeros(n, e_all + 1, dtype=torch.bool, device=index.device).scatter_(1, index, True)  # [T, E+1]
+        visits.ran = ran[:, :e_all].reshape(*lead, e_all)  # [batch, seq, E]
         v_s = g_s = sg = None
         if self.shared is not None:
             s_gate, s_up, s_down, s_act = self.shared
