@@ -3,7 +3,8 @@
 A random OLMoE-style model (``--experts`` experts of width ``--d-expert``, top ``--top-k``, hidden
 ``--hidden``, ``--layers`` layers; float32 on the CPU, bf16 on CUDA), on tokens sampled uniformly.
 For each mode: the PPL-p% search's wall time, its sparse and dense passes, what memory mode stores
-(the virtual activation vectors, ``tokens x layers x E d_expert`` values) and the process's peak
+(each expert's activations on the tokens routed to it, ``tokens x layers x top-k x d_expert`` values
+and their token indices; the full virtual width would be ``E / top-k`` times larger) and the process's peak
 memory (CUDA: the allocator's peak; CPU: the resident set's high-water mark, which only grows, so
 stream mode runs first). Also the cost of the hooked forward (transformers' eager expert loop
 showing ``a``) against the model's own forward, and whether both modes reach the same answer.
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         probe = SparsityProbe(model, Blocks(ids), mode=mode)
         r = search_ppl_p(probe, args.p)
         seconds = time.perf_counter() - t0
-        stored = sum(a.numel() * a.element_size() for a in (probe._acts or []))
+        stored = probe.stored_bytes
         results[mode] = {"seconds": seconds, "sparse_passes": probe.sparse_passes, "dense_passes": probe.dense_passes,
                          "cett": r.cett, "ppl_ratio": r.ppl_ratio, "converged": r.converged,
                          "activation_ratio": r.activation_ratio, "activation_ratio_ran": r.activation_ratio_ran,
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
     out["same_answer"] = (abs(results["memory"]["cett"] - results["stream"]["cett"]) < 1e-9
                           and max(abs(a - b) for a, b in zip(results["memory"]["thresholds"],
                                                               results["stream"]["thresholds"])) < 1e-5)
-    expected = args.tokens * args.layers * width * next(model.parameters()).element_size()
-    out["stored_expected_bytes"] = expected  # tokens x layers x E d_expert x bytes
+    size = next(model.parameters()).element_size()
+    out["stored_expected_bytes"] = args.tokens * args.layers * args.top_k * (args.d_expert * size + 8)  # + int64 rows
+    out["full_width_bytes"] = args.tokens * args.layers * width * size  # tokens x layers x E d_expert x bytes
     out["load_avg_1min_after"] = os.getloadavg()[0]
     print(json.dumps({k: v for k, v in out.items() if k != "modes"}, indent=1))
     if args.out:

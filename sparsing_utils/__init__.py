@@ -10,7 +10,7 @@ Activation Sparsity*, arXiv:2411.02335 (2024). Modules, one concept each:
 - ``blocks``        deterministic fixed-length token blocks cut from a source
 - ``ffn``           find each layer's FFN; hooks that read or edit the activation vector ``a``
 - ``moe``           Mixture-of-Experts layers as one virtual FFN each (every expert's neurons, routing
-  weights folded in); the number of routed experts (Fig. 2)
+  weights folded in, held per expert as ``ExpertRows``); the number of routed experts (Fig. 2)
 - ``cett``          tensor math: neuron norms, CETT, thresholds (no model)
 - ``rules``         sparsification rules: CETT thresholds, Top-k, FAT-eps, ReLU
 - ``probe``         ``SparsityProbe``: one model on one set of blocks (dense pass, exact CETT, sparse passes)
@@ -67,7 +67,7 @@ from .models import (
     load_model,
     smollm2_gguf_path,
 )
-from .moe import MoELayer, moe_layers, routed_top_k
+from .moe import ExpertRows, MoELayer, moe_layers, routed_top_k
 from .pareto import experts_for, fat_eps_for, pareto_from_search, pareto_sweep
 from .probe import PassStats, SparsityProbe
 from .results import CheckpointResult, PPLPResult, SparsityReport, sparse_inference
@@ -96,6 +96,7 @@ __all__ = [
     "CheckpointResult",
     "DenseRule",
     "EvaluationTable",
+    "ExpertRows",
     "FATRule",
     "FFNSite",
     "LoadedModel",

@@ -105,7 +105,7 @@ def activation_limits(col_norms: torch.Tensor, thresholds: torch.Tensor) -> torc
     return torch.where(cn > 0, eps / cn.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(cn, math.inf))
 
 
-def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
+def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
                          thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
                          max_elements: int = 1 << 26,
                          blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,20 +124,31 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
     norm is that of the whole FFN output's tail). A zero entry adds nothing to the sum and is
     never activated (its norm 0 is ``<=`` every threshold ``>= 0``), so the result is the same
     up to float rounding of the sum's order, at ``k / n`` of the cost for top-``k`` routing.
+
+    ``a`` may also be held without those zeros, as :class:`~sparsing_utils.moe.ExpertRows` (anything
+    with ``shape``, ``full()`` and ``sorted().parts()``: ``(columns, rows, values)`` per block); the
+    products are then those of ``blocks`` on the rows each block is stored on.
     """
-    if a.dim() != 2:
+    compact = not isinstance(a, torch.Tensor)
+    if compact and not bool((thresholds >= 0).all()):  # a negative threshold activates zeros: every entry
+        a, compact = a.full().reshape(a.shape), False
+    if len(a.shape) != 2:
         raise ValueError(f"a must be [tokens, d_ff], got shape {tuple(a.shape)}")
-    cd = compute_dtype or default_compute_dtype(a)
-    w = w_t.to(device=a.device, dtype=cd)
-    limits = activation_limits(col_norms.to(a.device), thresholds.reshape(-1).to(a.device))  # [K, d_ff]
+    if compact:
+        a = a.sorted()
+    x = a.parts()[0][2] if compact else a  # a tensor of a's dtype and device
+    cd = compute_dtype or default_compute_dtype(x)
+    w = w_t.to(device=x.device, dtype=cd)
+    limits = activation_limits(col_norms.to(x.device), thresholds.reshape(-1).to(x.device))  # [K, d_ff]
     tokens, d_ff = a.shape
     n_k = limits.shape[0]
-    norms = torch.empty(n_k, tokens, device=a.device, dtype=torch.float32)  # [K, tokens]
-    kept = torch.empty(n_k, tokens, device=a.device, dtype=torch.int32)  # [K, tokens]
+    norms = torch.empty(n_k, tokens, device=x.device, dtype=torch.float32)  # [K, tokens]
+    kept = torch.empty(n_k, tokens, device=x.device, dtype=torch.int32)  # [K, tokens]
     if tokens == 0 or n_k == 0:
         return norms, kept
-    if blocks is not None and bool((thresholds >= 0).all()):  # a negative threshold activates zeros
-        return _block_truncated_statistics(a, w, limits, blocks, norms, kept, cd, max_elements)
+    if compact or (blocks is not None and bool((thresholds >= 0).all())):  # a negative threshold activates zeros
+        parts = a.parts() if compact else _nonzero_blocks(a, blocks)
+        return _parts_truncated_statistics(parts, tokens, w, limits, norms, kept, cd, max_elements)
     k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
@@ -154,45 +165,67 @@ def truncated_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Te
     return norms, kept
 
 
-def _block_truncated_statistics(a: torch.Tensor, w: torch.Tensor, limits: torch.Tensor, blocks: tuple[int, int],
-                                norms: torch.Tensor, kept: torch.Tensor, cd: torch.dtype,
-                                max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`truncated_statistics` of an ``a`` whose first ``n * width`` columns are ``n`` mostly-zero
-    blocks: each block's masked copies ``[k, rows, width] @ w_block`` only on its nonzero rows,
-    accumulated per token in float32 (the tail of the whole output, Eq. 2), then the norm."""
+def _nonzero_blocks(a: torch.Tensor, blocks: tuple[int, int]) -> list[tuple[slice, torch.Tensor | None, torch.Tensor]]:
+    """``a [tokens, d_ff]`` whose first ``n * width`` columns are ``n`` mostly-zero blocks, as
+    ``(columns, rows [r] ascending, values [r, width])`` per block on the rows where it is not all
+    zero, then ``(columns, None, values [tokens, rest])`` for the dense columns after them."""
     n_blocks, width = blocks
     tokens, d_ff = a.shape
-    d_out, n_k, cut = w.shape[1], limits.shape[0], n_blocks * width
+    cut = n_blocks * width
     if cut > d_ff:
         raise ValueError(f"{n_blocks} blocks of width {width} do not fit in a of width {d_ff}")
     nonzero = a[:, :cut].reshape(tokens, n_blocks, width).ne(0).any(dim=-1)  # [tokens, n] the block ran
-    cols = [slice(j * width, (j + 1) * width) for j in range(n_blocks)] + ([slice(cut, d_ff)] if cut < d_ff else [])
-    k_group = max(1, min(n_k, max_elements // max(1, d_ff, d_out)))
+    parts = []
+    for j in range(n_blocks):
+        r = nonzero[:, j].nonzero().squeeze(1)  # [rows] ascending
+        parts.append((slice(j * width, (j + 1) * width), r, a[:, j * width:(j + 1) * width].index_select(0, r)))
+    if cut < d_ff:
+        parts.append((slice(cut, d_ff), None, a[:, cut:]))
+    return parts
+
+
+def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, torch.Tensor]], tokens: int,
+                                w: torch.Tensor, limits: torch.Tensor, norms: torch.Tensor, kept: torch.Tensor,
+                                cd: torch.dtype, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`truncated_statistics` of an ``a [tokens, d_ff]`` given block by block, ``(columns, rows
+    [r] ascending or None for every token, values [r or tokens, width])``, zero elsewhere: each
+    block's masked copies ``[k, rows, width] @ w_block`` only on its rows, accumulated per token in
+    float32 (the tail of the whole output, Eq. 2), then the norm. Chunks of tokens keep
+    ``k * t * max(width, d_model) <= max_elements`` for the widest block: one expert's width, not
+    the layer's (on a GPU the products of a layer are few and launch-bound)."""
+    d_out = w.shape[1]
+    width = max(x.shape[1] for _, _, x in parts)
+    n_k = limits.shape[0]
+    k_group = max(1, min(n_k, max_elements // max(1, width, d_out)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
         k = lim.shape[0]
-        t_chunk = max(1, max_elements // (k * max(d_ff, d_out)))
-        for t0 in range(0, tokens, t_chunk):
-            t = min(t_chunk, tokens - t0)
-            s = torch.zeros(k, t, d_out, device=a.device, dtype=torch.float32)  # [k, t, d_model] tail sums
-            count = torch.zeros(k, t, device=a.device, dtype=torch.int32)  # activated neurons
-            for j, col in enumerate(cols):
-                if j < n_blocks:
-                    r = nonzero[t0:t0 + t, j].nonzero().squeeze(1)  # [rows] where block j is not all zero
-                    ac = a[t0:t0 + t, col].index_select(0, r)  # [rows, width]
+        t_chunk = max(1, max_elements // (k * max(width, d_out)))
+        starts = list(range(0, tokens, t_chunk)) + [tokens]
+        # where each block's rows enter each chunk of tokens (rows ascending)
+        bounds = [None if r is None else [0, len(r)] if len(starts) == 2 else
+                  torch.searchsorted(r, torch.tensor(starts, device=r.device, dtype=r.dtype)).tolist()
+                  for _, r, _ in parts]
+        for c, t0 in enumerate(starts[:-1]):
+            t = starts[c + 1] - t0
+            s = torch.zeros(k, t, d_out, device=norms.device, dtype=torch.float32)  # [k, t, d_model] tail sums
+            count = torch.zeros(k, t, device=norms.device, dtype=torch.int32)  # activated neurons
+            for (col, r, x), b in zip(parts, bounds):
+                if r is None:
+                    rr, ac = None, x[t0:t0 + t]  # the dense columns, every token
                 else:
-                    r, ac = None, a[t0:t0 + t, col]  # the dense columns, every token
+                    rr, ac = r[b[c]:b[c + 1]] - t0, x[b[c]:b[c + 1]]  # [rows] in the chunk, [rows, width]
                 if ac.shape[0] == 0:
                     continue
                 tail = ac.abs().unsqueeze(0) <= lim[:, col].unsqueeze(1)  # [k, rows, width] True = truncated
                 prod = ((ac.to(cd).unsqueeze(0) * tail).reshape(-1, ac.shape[1]) @ w[col]).view(k, -1, d_out)
                 active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32)  # [k, rows]
-                if r is None:
+                if rr is None:
                     s += prod.float()
                     count += active
                 else:
-                    s.index_add_(1, r, prod.float())
-                    count.index_add_(1, r, active)
+                    s.index_add_(1, rr, prod.float())
+                    count.index_add_(1, rr, active)
             norms[k0:k0 + k, t0:t0 + t] = l2_norm(s)
             kept[k0:k0 + k, t0:t0 + t] = count
     return norms, kept
@@ -206,6 +239,8 @@ def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
 
 def _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     if y_norm is None:
+        if not isinstance(a, torch.Tensor):  # held without its zeros (sparsing_utils.moe.ExpertRows)
+            a = a.full().reshape(a.shape)
         cd = default_compute_dtype(a)
         y_norm = l2_norm(a.to(cd) @ w_t.to(a.device, cd))  # [tokens]
     num, kept = truncated_statistics(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
@@ -258,6 +293,10 @@ class NormHistogram:
         logs = flat.clamp_min(torch.finfo(flat.dtype).tiny).log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
         idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
         self.counts[layer].index_add_(0, idx, positive.to(self.counts.dtype))
+
+    def add_zeros(self, layer: int, n: int) -> None:
+        """Count ``n`` exact zeros (entries not stored: an MoE layer's experts that did not run)."""
+        self.zeros[layer] += n
 
     def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
         """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.

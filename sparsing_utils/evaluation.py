@@ -77,8 +77,9 @@ class ActivationCounter:
     """Activated neurons on the tokens the harness runs through the model, per layer (the metric's
     ratio, Sec. 3.1).
 
-    :meth:`record` is the recorder of :func:`~sparsing_utils.rules.apply_rule`: it keeps each
-    layer's count of activated neurons per position of the forward in flight. The harness pads its
+    :meth:`count` is the counter of :func:`~sparsing_utils.rules.apply_rule` (:meth:`record` the
+    same from a full mask): it keeps each layer's count of activated neurons per position of the
+    forward in flight. The harness pads its
     batches on the right with no attention mask, so the real length of each row is taken from
     the harness itself (:meth:`claim`, in row order, see :class:`_CountingHFLM`); counts of rows
     never claimed (batch-size probing, generation) are dropped. A dense run counts tokens only
@@ -103,11 +104,14 @@ class ActivationCounter:
         self._lengths: list[int] = []
         self._inputs: torch.Tensor | None = None
 
-    def record(self, site: FFNSite, keep: torch.Tensor) -> None:  # keep [batch, seq, d_ff] bool
+    def count(self, site: FFNSite, n: torch.Tensor) -> None:  # n [batch, seq] activated neurons (float32)
         self.sparse = True
-        self._counts[site.index] = keep.sum(dim=-1, dtype=torch.int32)  # [batch, seq]
+        self._counts[site.index] = n.to(torch.int32)  # [batch, seq], exact: whole numbers below 2^24
         if self.moe:
-            self._ran[site.index] = site.ran_neurons(keep)  # [batch, seq]
+            self._ran[site.index] = site.ran_neurons(n.unsqueeze(-1))  # [batch, seq]
+
+    def record(self, site: FFNSite, keep: torch.Tensor) -> None:  # keep [batch, seq, d_ff] bool
+        self.count(site, keep.sum(dim=-1, dtype=torch.float32))
 
     def new_batch(self, inputs: torch.Tensor) -> None:  # inputs [batch, seq] token ids
         self._flush()
@@ -468,7 +472,7 @@ def evaluate_model(loaded, tasks: Sequence[str] = DEFAULT_TASKS, *, data_dir: st
         with _lm_eval_logging(verbose):
             counter = ActivationCounter(sites, keep_tokens=keep_tokens)
             lm.counter = counter
-            rule = sparse_inference(model, result, record=counter.record) if result is not None \
+            rule = sparse_inference(model, result, count=counter.count) if result is not None \
                 else contextlib.nullcontext()
             t0 = time.perf_counter()
             try:

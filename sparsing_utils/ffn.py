@@ -11,7 +11,8 @@ activation ``act(W_gate x)``, which a forward hook on the activation module prov
 Mixture-of-Experts layers (:mod:`sparsing_utils.moe`) are one site each: ``a`` is the virtual
 activation vector of all experts of the layer, routing weights folded in, and ``W_down`` their
 concatenated output projections; inside the context managers the MoE block runs through
-:meth:`~sparsing_utils.moe.MoELayer.forward`, which shows that vector.
+:meth:`~sparsing_utils.moe.MoELayer.forward`, which shows that vector (full width, or with
+``compact=True`` each expert's rows only, :class:`~sparsing_utils.moe.ExpertRows`).
 
 Hooks exist only inside the context managers below and are removed in ``finally``.
 """
@@ -137,10 +138,11 @@ class FFNSite:
         their expert did not run on), for :func:`~sparsing_utils.cett.truncated_statistics`; else None."""
         return None if self.moe is None else (self.moe.num_experts, self.moe.d_expert)
 
-    def ran_neurons(self, keep: torch.Tensor) -> torch.Tensor:  # keep [batch, seq, d_ff] -> [batch, seq] float32
+    def ran_neurons(self, keep: torch.Tensor) -> torch.Tensor:  # keep [batch, seq, ...] -> [batch, seq] float32
         """Neurons that ran on each token of the forward whose mask ``keep`` is: for an MoE layer those
         of the experts routed to the token plus shared ones (:meth:`MoELayer.ran_neurons`), else all
-        ``d_ff``. The denominator of the MoE models' ``activation_ratio_ran`` (README, MoE models)."""
+        ``d_ff``. The denominator of the MoE models' ``activation_ratio_ran`` (README, MoE models).
+        Only the leading ``[batch, seq]`` of ``keep`` is read (any ``[batch, seq, ...]`` tensor of that forward)."""
         if self.moe is not None:
             return self.moe.ran_neurons()
         return keep.new_full(keep.shape[:-1], self.d_ff, dtype=torch.float32)
@@ -252,12 +254,14 @@ def _unflatten(t: torch.Tensor | None, lead: torch.Size | None) -> torch.Tensor 
 
 @contextlib.contextmanager
 def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequence[FFNSite] | None = None,
-                     with_output: bool = False) -> Iterator[list[FFNSite]]:
+                     with_output: bool = False, compact: bool = False) -> Iterator[list[FFNSite]]:
     """Call ``fn(site, a)`` (or ``fn(site, a, y)`` with ``with_output``) on every forward.
 
     ``a`` is the FFN activation vector ``[batch, seq, d_ff]``; ``y = W_down a`` is the FFN
     output without its bias ``[batch, seq, d_model]`` (the sum of the neuron outputs, the
-    denominator of CETT, Eq. 2). One forward hook per layer, removed on exit.
+    denominator of CETT, Eq. 2). One forward hook per layer, removed on exit. With ``compact``,
+    an MoE layer's ``a`` comes as :class:`~sparsing_utils.moe.ExpertRows` (each expert's rows of
+    the tokens routed to it, never the full ``E * d_expert`` width); dense layers are unchanged.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     handles: list = []
@@ -268,7 +272,7 @@ def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequen
             if site.moe is not None:
                 def moe_read(a, y, _site=site):
                     fn(_site, a, y) if with_output else fn(_site, a)
-                handles.append(_entered(site.moe.visiting(read=moe_read)))
+                handles.append(_entered(site.moe.visiting(read=moe_read, compact=compact)))
                 continue
             if with_output:
                 def hook(module, args, output, _site=site):
@@ -288,12 +292,14 @@ def read_activations(model: nn.Module, fn: Callable[..., None], *, sites: Sequen
 
 @contextlib.contextmanager
 def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] | None = None,
-                     need_gate: bool = False) -> Iterator[list[FFNSite]]:
+                     need_gate: bool = False, compact: bool = False) -> Iterator[list[FFNSite]]:
     """Replace ``a`` by ``fn(site, a, gate)`` on every forward (``None`` keeps ``a``).
 
     ``gate`` is ``act(W_gate x)`` for gated FFNs when ``need_gate`` (captured by a forward
     hook on the activation module), and ``a`` itself for plain FFNs, whose activation
-    vector *is* the gate. All hooks are removed on exit, also after an exception.
+    vector *is* the gate. All hooks are removed on exit, also after an exception. With
+    ``compact``, an MoE layer's ``a`` and ``gate`` come as :class:`~sparsing_utils.moe.ExpertRows`
+    and ``fn`` returns one (new values, or a boolean one: the entries kept) or None.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     if need_gate:
@@ -312,7 +318,7 @@ def edit_activations(model: nn.Module, fn: EditFn, *, sites: Sequence[FFNSite] |
             if site.moe is not None:
                 def moe_edit(a, gate, _site=site):
                     return fn(_site, a, gate)
-                handles.append(_entered(site.moe.visiting(edit=moe_edit, need_gate=need_gate)))
+                handles.append(_entered(site.moe.visiting(edit=moe_edit, need_gate=need_gate, compact=compact)))
                 continue
             if need_gate and site.gated:
                 def act_hook(module, args, output, _site=site):

@@ -16,6 +16,11 @@ CETT of a token is over the experts that ran for it. Activation ratios are count
 expert neurons of the layer (``d_ff`` = the width of ``v``) and over the neurons of the experts that
 ran (:meth:`MoELayer.ran_neurons`).
 
+Inside the hooks ``v`` is held without its zeros, as :class:`ExpertRows`: each expert's columns on
+the tokens routed to it (``[n_e, d_expert]``), the shared columns on every token; the sparse pass
+edits each expert's ``a`` in place inside the expert loop and memory mode stores these rows, so
+nothing of width ``E * d_expert`` is built unless a caller asks for the full vector.
+
 Where the library's own expert code hides ``a`` (fused 3-D weights run by grouped_mm/batched_mm
 kernels), the MoE block's ``forward`` is replaced, only inside the context managers of
 :mod:`sparsing_utils.ffn`, by :meth:`MoELayer.forward`: the model's own router, then the experts
@@ -34,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EXPERT_KINDS", "MoELayer", "find_moe", "moe_layers", "routed_top_k"]
+from .cett import all_finite
+
+__all__ = ["EXPERT_KINDS", "ExpertRows", "MoELayer", "find_moe", "moe_layers", "routed_top_k"]
 
 # Where a decoder layer keeps its MoE block, and where the block keeps its parts.
 MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward")
@@ -156,6 +163,155 @@ class _ModuleList:
 EXPERT_KINDS = (_Fused, _ModuleList)
 
 
+# -- the virtual activation vector without its zeros ------------------------------------------------
+
+@dataclass(eq=False)
+class ExpertRows:
+    """One MoE layer's virtual vector ``v [tokens, d_ff]`` (module doc) stored without the zeros of
+    the experts that did not run: expert ``e``'s columns ``[e d_expert, (e + 1) d_expert)`` only on
+    the tokens routed to it, the shared columns (after ``E d_expert``) on every token.
+
+    The same layout holds the gate scores ``act(W_gate x)`` and boolean masks (a rule's kept
+    neurons). Entries not stored are zeros (``False`` for a mask). ``lead`` is the ``[batch, seq]``
+    of the forward that made it (``(tokens,)`` once rows were selected or concatenated)."""
+
+    n_tokens: int
+    d_expert: int
+    rows: list[torch.Tensor]  # per expert: [n_e] int64, the tokens (rows of v) routed to it, each once
+    values: list[torch.Tensor]  # per expert: [n_e, d_expert]
+    shared: torch.Tensor | None  # [tokens, d_shared], or None
+    lead: tuple[int, ...] = ()
+    ascending: bool = False  # every expert's rows are in ascending order (sorted())
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.rows)
+
+    @property
+    def d_shared(self) -> int:
+        return 0 if self.shared is None else self.shared.shape[-1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.num_experts * self.d_expert + self.d_shared
+
+    @property
+    def shape(self) -> tuple[int, int]:  # of the full vector: [tokens, d_ff]
+        return self.n_tokens, self.d_ff
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values[0].device
+
+    def sorted(self) -> ExpertRows:
+        """Each expert's rows in ascending token order (the forward keeps transformers' order, which
+        its products depend on bitwise; the CETT statistics want tokens in order)."""
+        if self.ascending:
+            return self
+        rows, values = [], []
+        for r, x in zip(self.rows, self.values):
+            order = r.argsort(stable=True)
+            rows.append(r[order])
+            values.append(x[order])
+        return ExpertRows(self.n_tokens, self.d_expert, rows, values, self.shared, self.lead, True)
+
+    def parts(self) -> list[tuple[slice, torch.Tensor | None, torch.Tensor]]:
+        """``(columns, rows [n] or None for every token, values [n, width])``: the experts in order,
+        then the shared columns (what :func:`~sparsing_utils.cett.truncated_statistics` reads, sorted)."""
+        de = self.d_expert
+        out = [(slice(e * de, (e + 1) * de), r, x) for e, (r, x) in enumerate(zip(self.rows, self.values))]
+        if self.shared is not None:
+            out.append((slice(self.num_experts * de, self.d_ff), None, self.shared))
+        return out
+
+    def full(self) -> torch.Tensor:
+        """The full vector ``[*lead, d_ff]`` (zeros / False where nothing is stored)."""
+        x = self.values[0]
+        out = x.new_zeros(self.n_tokens, self.d_ff)  # [tokens, d_ff]
+        for cols, r, vals in self.parts():
+            if r is None:
+                out[:, cols] = vals
+            elif len(r):
+                out[r, cols] = vals
+        return out.view(*(self.lead or (self.n_tokens,)), self.d_ff)
+
+    def gather(self, full: torch.Tensor) -> ExpertRows:
+        """The stored entries' places read from a full ``[..., tokens, d_ff]`` tensor (an edited ``v``)."""
+        flat = full.reshape(self.n_tokens, self.d_ff)
+        de, e_all = self.d_expert, self.num_experts
+        values = [flat[r, e * de:(e + 1) * de] for e, r in enumerate(self.rows)]
+        shared = flat[:, e_all * de:] if self.shared is not None else None
+        return ExpertRows(self.n_tokens, de, self.rows, values, shared, self.lead, self.ascending)
+
+    def map(self, fn: Callable[[slice, torch.Tensor, torch.Tensor | None], torch.Tensor],
+            other: ExpertRows | None = None) -> ExpertRows:
+        """``fn(columns, values, other's values there or None)`` on every stored block: same rows, new
+        values (``other``: the same routing, e.g. the gate scores or a mask)."""
+        de, e_all = self.d_expert, self.num_experts
+        theirs = other.values if other is not None else [None] * e_all
+        values = [fn(slice(e * de, (e + 1) * de), x, y) for e, (x, y) in enumerate(zip(self.values, theirs))]
+        shared = None
+        if self.shared is not None:
+            shared = fn(slice(e_all * de, self.d_ff), self.shared, None if other is None else other.shared)
+        return ExpertRows(self.n_tokens, de, self.rows, values, shared, self.lead, self.ascending)
+
+    def row_sums(self) -> torch.Tensor:
+        """Per token, the sum of its stored entries in float32 (for a mask: the neurons kept): ``[*lead]``,
+        summed expert by expert (scatter-add over each expert's rows)."""
+        out = self.values[0].new_zeros(self.n_tokens, dtype=torch.float32)  # [tokens]
+        for r, x in zip(self.rows, self.values):
+            if len(r):
+                out.index_add_(0, r, x.sum(dim=-1, dtype=torch.float32))
+        if self.shared is not None:
+            out += self.shared.sum(dim=-1, dtype=torch.float32)
+        return out.view(*(self.lead or (self.n_tokens,)))
+
+    def zeros_left_out(self) -> int:
+        """Entries of the full vector that are not stored (zeros)."""
+        return self.n_tokens * self.num_experts * self.d_expert - sum(len(r) for r in self.rows) * self.d_expert
+
+    def all_finite(self) -> torch.Tensor:
+        """0-dim bool: no NaN or inf stored (:func:`~sparsing_utils.cett.all_finite`)."""
+        pieces = [x for x in (*self.values, self.shared) if x is not None and x.numel()]
+        if not pieces:
+            return torch.ones((), dtype=torch.bool, device=self.values[0].device)
+        return all_finite(torch.stack([x.sum(dtype=torch.float32) for x in pieces]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.rows, *self.values, self.shared) if t is not None)
+
+    def take(self, index: torch.Tensor) -> ExpertRows:
+        """The tokens ``index [m]`` (ascending), renumbered ``0..m-1``: rows of the real tokens of a
+        padded batch, or the guide tokens. Each expert keeps its rows among them, in their order."""
+        remap = torch.full((self.n_tokens,), -1, dtype=torch.int64, device=index.device)  # token -> new row
+        remap[index] = torch.arange(len(index), device=index.device)
+        rows, values = [], []
+        for r, x in zip(self.rows, self.values):
+            new = remap[r]  # [n_e]
+            kept = new >= 0
+            rows.append(new[kept])
+            values.append(x[kept])
+        shared = self.shared.index_select(0, index) if self.shared is not None else None
+        return ExpertRows(len(index), self.d_expert, rows, values, shared, (len(index),), self.ascending)
+
+    @staticmethod
+    def cat(parts: Sequence[ExpertRows]) -> ExpertRows:
+        """Parts over consecutive tokens (batches) as one: each expert's rows offset by the tokens before."""
+        first, offsets, n = parts[0], [], 0
+        for p in parts:
+            offsets.append(n)
+            n += p.n_tokens
+        rows = [torch.cat([p.rows[e] + o for p, o in zip(parts, offsets)]) for e in range(first.num_experts)]
+        values = [torch.cat([p.values[e] for p in parts]) for e in range(first.num_experts)]
+        shared = torch.cat([p.shared for p in parts]) if first.shared is not None else None
+        return ExpertRows(n, first.d_expert, rows, values, shared, (n,), all(p.ascending for p in parts))
+
+
 # -- one layer's MoE ------------------------------------------------------------------------------
 
 def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +330,11 @@ def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])  # [tokens, k]
 
 
-# Visitors of one forward: edit(v, gate) -> v' or None, before the output; read(v, y) after it.
-EditVisitor = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
-ReadVisitor = Callable[[torch.Tensor, torch.Tensor], None]
+# Visitors of one forward. Full-width ones see v as [batch, seq, d_ff] tensors: edit(v, gate) -> v' or None
+# before the output, read(v, y) after it. Compact ones see ExpertRows instead: edit(v, gate) -> ExpertRows of
+# new values, a boolean ExpertRows (the entries kept: the others become 0), or None; read(v, y).
+EditVisitor = Callable[..., "torch.Tensor | ExpertRows | None"]
+ReadVisitor = Callable[..., None]
 
 
 @dataclass(eq=False)
@@ -184,8 +342,8 @@ class _Visits:
     """What runs a block while it is visited, shared by every MoELayer describing it (each
     find_ffn_sites call makes new ones): the visitors, the block's own forward, the last routing."""
 
-    edits: list = field(default_factory=list)  # (edit, need_gate)
-    reads: list = field(default_factory=list)
+    edits: list = field(default_factory=list)  # (edit, need_gate, compact)
+    reads: list = field(default_factory=list)  # (read, compact)
     saved_forward: object = None
     ran: torch.Tensor | None = None  # [batch, seq, E] bool: the experts that ran on each token, last forward
 
@@ -245,27 +403,28 @@ class MoELayer:
     # -- the replacement forward --------------------------------------------------------------
     @contextlib.contextmanager
     def visiting(self, *, edit: EditVisitor | None = None, read: ReadVisitor | None = None,
-                 need_gate: bool = False) -> Iterator[None]:
+                 need_gate: bool = False, compact: bool = False) -> Iterator[None]:
         """Route the block's forward through :meth:`forward` with these visitors (nestable; ``need_gate``:
-        ``edit`` also gets the gate scores ``act(W_gate x)``, zeros for experts that did not run); the
-        block's own forward is restored on exit, also after an exception."""
+        ``edit`` also gets the gate scores ``act(W_gate x)``, zeros for experts that did not run;
+        ``compact``: the visitors see :class:`ExpertRows` instead of full-width tensors); the block's
+        own forward is restored on exit, also after an exception."""
         visits = _VISITS.get(self.block)
         first = visits is None
         if first:
             visits = _VISITS[self.block] = _Visits(saved_forward=self.block.__dict__.get("forward"))
             self.block.forward = self.forward
-        entry = (edit, need_gate)
+        edit_entry, read_entry = (edit, need_gate, compact), (read, compact)
         if edit is not None:
-            visits.edits.append(entry)
+            visits.edits.append(edit_entry)
         if read is not None:
-            visits.reads.append(read)
+            visits.reads.append(read_entry)
         try:
             yield
         finally:
             if edit is not None:
-                visits.edits.remove(entry)
+                visits.edits.remove(edit_entry)
             if read is not None:
-                visits.reads.remove(read)
+                visits.reads.remove(read_entry)
             if first:
                 del _VISITS[self.block]
                 if visits.saved_forward is None:
@@ -276,11 +435,13 @@ class MoELayer:
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors.
 
-        Edits reach the experts that ran; an edit of a neuron of an expert that did not run on the
-        token is ignored (that expert is not computed)."""
+        Each expert runs on its tokens only (transformers' eager loop); ``v`` is held as
+        :class:`ExpertRows` and an edit reaches each expert's ``a`` there. Full-width visitors get
+        ``v`` with zeros for the experts that did not run; what they write there is ignored (those
+        experts are not computed)."""
         if self.block.training and any(getattr(self.block, n, 0) for n in ("jitter_noise", "input_jitter_noise")):
             raise ValueError(f"{self.name} is in training mode with router jitter: call model.eval() first")
-        lead = hidden_states.shape[:-1]
+        lead = tuple(hidden_states.shape[:-1])
         h = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
         routed = self.router(hidden_states if self.kind.router_sees_batch else h)  # as the block's own forward
         weights, index = _route(routed, self.name)  # [T, k], the model's own routing
@@ -291,56 +452,83 @@ class MoELayer:
                              "of routed experts cannot be changed on this model")
         n, e_all, de = h.shape[0], self.num_experts, self.d_expert
         visits = _VISITS[self.block]
-        need_gate = any(wants for _, wants in visits.edits)
-        v = h.new_zeros(n, self.d_ff)  # [T, d_ff] routing weights folded in
-        gate_v = h.new_zeros(n, self.d_ff) if need_gate else None
-        # The eager loop of transformers' experts: the tokens of each expert that was hit.
+        need_gate = any(wants for _, wants, _ in visits.edits)
+        # The eager loop of transformers' experts, each on its tokens in transformers' order (by slot among
+        # the k, then token), grouped by one stable sort: one device synchronisation per layer. An index of
+        # E (a dropped slot) sorts last and runs nothing.
         with torch.no_grad():
-            expert_mask = F.one_hot(index, num_classes=e_all + 1).permute(2, 1, 0)  # [E+1, k, T]
-            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        runs = []
-        for e in hit[:, 0].tolist():
-            if e == e_all:
+            slots = index.t().reshape(-1)  # [k T]: slot 0 of every token, then slot 1, ...
+            order = slots.argsort(stable=True)  # [k T] grouped by expert
+            bounds = torch.searchsorted(slots[order], torch.arange(e_all + 1, device=slots.device, dtype=slots.dtype)).tolist()
+        no_rows, no_values = index.new_empty(0), h.new_empty(0, de)
+        rows, values, gates = [no_rows] * e_all, [no_values] * e_all, [no_values] * e_all
+        runs = []  # (e, tok [n_e], w [n_e, 1], a [n_e, d_e])
+        for e in range(e_all):
+            if bounds[e] == bounds[e + 1]:
                 continue
-            pos, tok = torch.where(expert_mask[e])
+            chosen = order[bounds[e]:bounds[e + 1]]  # [n_e] places in slots
+            pos, tok = chosen // n, chosen % n  # [n_e] slot among the k, token
             a, g = self.kind.activations(self.experts, e, h[tok])  # [n_e, d_e]
             w = weights[tok, pos, None]  # [n_e, 1]
-            v[tok, e * de:(e + 1) * de] = (a * w).to(v.dtype)
-            if gate_v is not None:
-                gate_v[tok, e * de:(e + 1) * de] = g.to(v.dtype)
+            rows[e], values[e] = tok, (a * w).to(h.dtype)  # v's rows of expert e, routing weight folded in
+            if need_gate:
+                gates[e] = g.to(h.dtype)
             runs.append((e, tok, w, a))
-        visits.ran = expert_mask[:e_all].sum(dim=1).bool().t().reshape(*lead, e_all)  # [batch, seq, E]
+        ran = torch.zeros(n, e_all + 1, dtype=torch.bool, device=index.device).scatter_(1, index, True)  # [T, E+1]
+        visits.ran = ran[:, :e_all].reshape(*lead, e_all)  # [batch, seq, E]
+        v_s = g_s = sg = None
         if self.shared is not None:
             s_gate, s_up, s_down, s_act = self.shared
-            g = s_act(s_gate(h))
-            a_s = g * s_up(h)  # [T, d_s]
+            g_s = s_act(s_gate(h))
+            a_s = g_s * s_up(h)  # [T, d_s]
             sg = F.sigmoid(self.shared_gate(h)) if self.shared_gate is not None else None  # [T, 1]
-            v[:, e_all * de:] = a_s * sg if sg is not None else a_s
-            if gate_v is not None:
-                gate_v[:, e_all * de:] = g
-        v_new = v
-        for edit, _ in visits.edits:
-            out = edit(v_new.view(*lead, self.d_ff), None if gate_v is None else gate_v.view(*lead, self.d_ff))
-            if out is not None:
-                v_new = out.reshape(n, self.d_ff)
+            v_s = a_s * sg if sg is not None else a_s
+        v = ExpertRows(n, de, rows, values, v_s, lead)
+        gate = ExpertRows(n, de, rows, gates, g_s, lead) if need_gate else None
+        # The edits: v' = cur with the entries outside `keep` zeroed (a mask not yet applied).
+        cur, keep, changed = v, None, False
+
+        def current() -> ExpertRows:
+            return cur if keep is None else cur.map(lambda _, x, k: x * k, keep)
+
+        for edit, _, compact in visits.edits:
+            if keep is not None:  # the next edit sees the masked v; the a of the experts is then v' / w
+                cur, keep, changed = current(), None, True
+            if compact:
+                out = edit(cur, gate)
+            else:
+                out = edit(cur.full(), None if gate is None else gate.full())
+                out = None if out is None else cur.gather(out)
+            if out is None:
+                continue
+            if out.dtype == torch.bool:
+                keep = out
+            else:
+                cur, changed = out, True
+        final = current() if changed else cur
         y = torch.zeros_like(h)
         for e, tok, w, a in runs:
-            sl = slice(e * de, (e + 1) * de)
-            if v_new is not v:  # entries left as they were keep their a bitwise; edited ones are v' / w
-                old, new = v[tok, sl], v_new[tok, sl]
+            if changed:  # entries left as they were keep their a bitwise; edited ones are v' / w
+                old, new = v.values[e], final.values[e]
                 a = torch.where(new == old, a, torch.where(w != 0, new / w, 0).to(a.dtype))
+            elif keep is not None:  # a mask only: the neurons kept keep their a
+                a = a * keep.values[e]
             out_e = self.kind.down(self.experts, e, a) * w
             y.index_add_(0, tok, out_e.to(y.dtype))
         if self.shared is not None:
-            if v_new is not v:
-                old, new = v[:, e_all * de:], v_new[:, e_all * de:]
+            if changed:
+                old, new = v.shared, final.shared
                 a_s = torch.where(new == old, a_s, (torch.where(sg != 0, new / sg, 0) if sg is not None else new)
                                   .to(a_s.dtype))
+            elif keep is not None:
+                a_s = a_s * keep.shared
             shared_out = s_down(a_s)
             y = y + (sg * shared_out if sg is not None else shared_out)
         y = y.view(*lead, -1)
-        for read in visits.reads:
-            read(v_new.view(*lead, self.d_ff), y)
+        if visits.reads:
+            final = current()
+            for read, compact in visits.reads:
+                read(final if compact else final.full(), y)
         return y
 
 

@@ -52,6 +52,7 @@ from .cett import (
     sketch_weight,
 )
 from .ffn import FFNSite, edit_activations, find_ffn_sites, read_activations
+from .moe import ExpertRows
 from .rules import SparsityRule, apply_rule
 
 __all__ = ["DEFAULT_LEVELS", "PassStats", "SparsityProbe", "curve_token_mask"]
@@ -123,11 +124,41 @@ class TokenRows:
             index = index.pin_memory().to(device, non_blocking=True)
         self.index = index
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | ExpertRows) -> torch.Tensor | ExpertRows:
         """``x [batch, seq, ...]`` -> ``[tokens, ...]`` (a view when the batch has no padding;
-        never a device synchronisation)."""
+        never a device synchronisation). An MoE layer's :class:`ExpertRows` keep their real tokens."""
+        if isinstance(x, ExpertRows):
+            return x if self.all_valid else x.take(self.index.to(x.values[0].device))
         flat = x.reshape(-1, *x.shape[2:])
         return flat if self.all_valid else flat.index_select(0, self.index.to(x.device))
+
+
+# MoE layers' activations are held as ExpertRows (sparsing_utils.moe: each expert's rows of the tokens
+# routed to it, never the full E * d_expert width); dense layers' as [tokens, d_ff] tensors.
+
+def _take(a: torch.Tensor | ExpertRows, index: torch.Tensor) -> torch.Tensor | ExpertRows:
+    """The rows ``index [m]`` (ascending) of ``a [tokens, d_ff]``."""
+    return a.take(index) if isinstance(a, ExpertRows) else a.index_select(0, index.to(a.device))
+
+
+def _cat(pieces: list) -> torch.Tensor | ExpertRows:
+    """Batches of one layer's activations, in token order, as one."""
+    return ExpertRows.cat(pieces) if isinstance(pieces[0], ExpertRows) else torch.cat(pieces)
+
+
+def _finite(a: torch.Tensor | ExpertRows) -> torch.Tensor:  # 0-dim bool
+    return a.all_finite() if isinstance(a, ExpertRows) else all_finite(a)
+
+
+def _histogram_add(hist: NormHistogram, layer: int, a: torch.Tensor | ExpertRows, device: torch.device,
+                   col_norms: torch.Tensor | None = None) -> None:
+    """Every entry's ``|a_i|`` (times ``||W_down[:, i]||`` with ``col_norms``: the neuron norm) into
+    one layer's histogram; an MoE layer's entries not stored (experts that did not run) as zeros."""
+    blocks = a.parts() if isinstance(a, ExpertRows) else [(slice(None), None, a)]
+    for cols, _, x in blocks:
+        hist.add(layer, (x.float().abs() if col_norms is None else neuron_norms(x, col_norms[cols])).to(device))
+    if isinstance(a, ExpertRows):
+        hist.add_zeros(layer, a.zeros_left_out())
 
 
 class _EnoughLayers(Exception):
@@ -227,7 +258,7 @@ class SparsityProbe:
         # every block (a block of the shortest length still gives one).
         self.curve_stride = max(1, int(min(math.ceil(self.n_tokens / self.curve_tokens), fewest[1])))
         self._curve_rows = curve_token_mask(mask, self.curve_stride)[mask.bool()]  # [local real tokens] bool
-        self._acts: list[torch.Tensor] | None = None  # memory mode: [tokens, d_ff] per layer
+        self._acts: list | None = None  # memory mode: [tokens, d_ff] per layer (MoE layers: ExpertRows)
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0
         self.dense_passes = 0
@@ -318,17 +349,17 @@ class SparsityProbe:
         rows = TokenRows()
         finite = torch.ones(len(self.sites), dtype=torch.bool, device=self.device)  # checked after the pass
 
-        def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
+        def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
             i = site.index
-            av = rows(a)  # [tokens, d_ff]
-            finite[i] &= all_finite(av).to(self.device)
+            av = rows(a)  # [tokens, d_ff] (MoE: ExpertRows)
+            finite[i] &= _finite(av).to(self.device)
             yn = l2_norm(rows(y))  # [tokens]
             if self.mode == "memory":
-                acts[i].append(av)
+                acts[i].append(av.sorted() if isinstance(av, ExpertRows) else av)  # sorted once, for the statistics
                 ynorms[i].append(yn)
             else:  # keep only the guide tokens' rows (about curve_tokens in all)
                 sel = guide[rows.start, rows.stop]
-                acts[i].append(av.index_select(0, sel.to(av.device)))
+                acts[i].append(_take(av, sel))
                 ynorms[i].append(yn.index_select(0, sel.to(yn.device)))
 
         def check_activations():
@@ -339,7 +370,7 @@ class SparsityProbe:
 
         token_nll: list[torch.Tensor] = []
         try:
-            with read_activations(self.model, read, sites=self.sites, with_output=True):
+            with read_activations(self.model, read, sites=self.sites, with_output=True, compact=True):
                 nll, count = self._run(f"dense pass ({self.name})", rows, token_nll=token_nll)
         except FloatingPointError:
             check_activations()  # name the first layer that went non-finite, if one did
@@ -349,14 +380,14 @@ class SparsityProbe:
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
         self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
-        a_all = [torch.cat(x) for x in acts]
+        a_all = [_cat(x) for x in acts]
         y_all = [torch.cat(x) for x in ynorms]
         acts.clear()  # the per-batch pieces
         ynorms.clear()
         if self.mode == "memory":
             self._acts, self._ynorm = a_all, y_all
             sel = self._curve_rows.nonzero().squeeze(1)
-            a_all = [a.index_select(0, sel.to(a.device)) for a in a_all]
+            a_all = [_take(a, sel) for a in a_all]
             y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
         self.curve = self._guide_curve(a_all, y_all)
         return self
@@ -375,15 +406,15 @@ class SparsityProbe:
             start = stop
         return out
 
-    def _guide_curve(self, a: list[torch.Tensor], y_norm: list[torch.Tensor]) -> CETTCurve:
-        """Each layer's CETT curve on this process's guide tokens, ``a [tokens, d_ff]`` and
+    def _guide_curve(self, a: list, y_norm: list[torch.Tensor]) -> CETTCurve:
+        """Each layer's CETT curve on this process's guide tokens, ``a [tokens, d_ff]`` (MoE: ExpertRows) and
         ``y_norm [tokens]`` per layer, combined over processes: the grid (0, then the norm
         quantiles at which the activation ratio is each of ``levels``) from a histogram of the
         neuron norms (integer counts: the same grid for every split), then the mean CETT at the
         grid through a ``sketch_dim``-dimensional sketch of ``W_down``. Two all-reduces in all."""
         hist = NormHistogram(len(self.sites), device=self.device)
         for site in self.sites:
-            hist.add(site.index, neuron_norms(a[site.index], self.col_norms[site.index]).to(self.device))
+            _histogram_add(hist, site.index, a[site.index], self.device, self.col_norms[site.index])
         hist.all_reduce()
         q = hist.quantiles(1 - self.levels).sort(dim=1).values  # [layers, K]
         grid = torch.cat([torch.zeros(len(self.sites), 1, device=q.device), q], dim=1)  # [layers, K+1]
@@ -409,7 +440,7 @@ class SparsityProbe:
         cett_sum = torch.zeros(layers, m, dtype=torch.float64, device=self.device)
         self.cett_evaluations += 1
 
-        def add(site: FFNSite, a: torch.Tensor, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
+        def add(site: FFNSite, a: torch.Tensor | ExpertRows, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
             i = site.index
             c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm,
                                   blocks=site.expert_blocks)
@@ -425,7 +456,7 @@ class SparsityProbe:
             seen: set[int] = set()
             batch = [-1]
 
-            def read(site: FFNSite, a: torch.Tensor, y: torch.Tensor):
+            def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
                 if rows.start != batch[0]:  # a new batch
                     batch[0] = rows.start
                     seen.clear()
@@ -435,7 +466,7 @@ class SparsityProbe:
                     if len(seen) == len(needed):  # the layers after the last one needed are not run
                         raise _EnoughLayers
 
-            with read_activations(self.model, read, sites=self.sites, with_output=True):
+            with read_activations(self.model, read, sites=self.sites, with_output=True, compact=True):
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
             self.dense_passes += 1
         _all_reduce(cett_sum)
@@ -528,17 +559,17 @@ class SparsityProbe:
         ran = torch.zeros(layers, dtype=torch.float64, device=self.device)  # MoE: neurons of the experts that ran
         rows = TokenRows()
 
-        def record(site: FFNSite, keep: torch.Tensor):  # keep [batch, seq, d_ff]
-            counts = rows(keep.sum(dim=-1, dtype=torch.float32)).to(self.device)  # [tokens]
+        def count(site: FFNSite, n: torch.Tensor):  # n [batch, seq]: activated neurons of each token
+            counts = rows(n).to(self.device)  # [tokens]
             active[site.index] += counts.sum(dtype=torch.float64)
             if moe:
-                ran[site.index] += rows(site.ran_neurons(keep)).to(self.device).sum(dtype=torch.float64)
+                ran[site.index] += rows(site.ran_neurons(n.unsqueeze(-1))).to(self.device).sum(dtype=torch.float64)
             if per_tok is not None:
                 per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
         token_nll: list[torch.Tensor] = []
-        with apply_rule(self.model, rule, sites=self.sites, record=record, check_finite=False):
+        with apply_rule(self.model, rule, sites=self.sites, count=count, check_finite=False):
             nll, count = self._run(f"sparse pass ({self.name})", rows, token_nll=token_nll)
         self.sparse_passes += 1
         _all_reduce(active)
@@ -570,30 +601,37 @@ class SparsityProbe:
         seen: set[int] = set()
         batch = [-1]
 
-        def read(site: FFNSite, a: torch.Tensor, gate: torch.Tensor) -> None:  # a is not changed
+        def read(site: FFNSite, a, gate) -> None:  # a is not changed; gate [batch, seq, d_ff] (MoE: ExpertRows)
             if rows.start != batch[0]:  # a new batch
                 batch[0] = rows.start
                 seen.clear()
             g = rows(gate)  # [tokens, d_ff]
             if by_batch is not None:
-                g = g.index_select(0, by_batch[rows.start, rows.stop].to(g.device))  # [chosen tokens, d_ff]
-            hist.add(site.index, g.float().abs().to(self.device))
+                g = _take(g, by_batch[rows.start, rows.stop])  # [chosen tokens, d_ff]
+            _histogram_add(hist, site.index, g, self.device)
             seen.add(site.index)
             if len(seen) == len(self.sites):  # every layer read: the LM head is not needed
                 raise _EnoughLayers
 
-        with edit_activations(self.model, read, sites=self.sites, need_gate=True):
+        with edit_activations(self.model, read, sites=self.sites, need_gate=True, compact=True):
             self._run(f"gate scores ({self.name})", rows, compute_loss=False)
         self.dense_passes += 1
         hist.all_reduce()
         return hist
 
     def activations(self, layer: int) -> torch.Tensor:
-        """The stored dense activations ``a`` of one layer, ``[tokens, d_ff]`` (memory mode)."""
+        """The stored dense activations ``a`` of one layer, ``[tokens, d_ff]`` (memory mode; an MoE
+        layer's are stored per expert and built here at full width, zeros for experts that did not run)."""
         self.prepare()
         if self._acts is None:
             raise ValueError("activations are kept only in memory mode (mode='memory'), before release()")
-        return self._acts[layer]
+        a = self._acts[layer]
+        return a.full() if isinstance(a, ExpertRows) else a
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the activations kept (memory mode; 0 after :meth:`release` or in stream mode)."""
+        return sum(a.nbytes if isinstance(a, ExpertRows) else a.numel() * a.element_size() for a in self._acts or [])
 
     def release(self) -> None:
         """Drop the stored activations (memory mode). Later exact CETT statistics (e.g. a

@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .ffn import find_ffn_sites
 from .jsonio import atomic_write_json
-from .rules import CETTRule, Recorder, apply_rule
+from .rules import CETTRule, Counter, Recorder, apply_rule
 
 __all__ = ["CheckpointResult", "PPLPResult", "SparsityReport", "sparse_inference"]
 
@@ -160,12 +160,14 @@ class SparsityReport:
 
 @contextlib.contextmanager
 def sparse_inference(model: nn.Module, result: PPLPResult | SparsityReport | Sequence[float], *,
-                     p: float | None = None, record: Recorder | None = None) -> Iterator[CETTRule]:
+                     p: float | None = None, record: Recorder | None = None,
+                     count: Counter | None = None) -> Iterator[CETTRule]:
     """Run ``model`` sparsely with the thresholds of a PPL-p% result (what evaluation uses).
 
     ``result`` may be a :class:`PPLPResult`, a :class:`SparsityReport` (then ``p`` picks the
     result; default: the only one), or a list of per-layer thresholds. ``record(site, keep)``
-    (optional) sees each layer's mask, as in :func:`~sparsing_utils.rules.apply_rule`.
+    (optional) sees each layer's mask and ``count(site, n)`` each token's number of activated
+    neurons, as in :func:`~sparsing_utils.rules.apply_rule`.
     """
     if isinstance(result, SparsityReport):
         if p is None:
@@ -180,5 +182,5 @@ def sparse_inference(model: nn.Module, result: PPLPResult | SparsityReport | Seq
         raise ValueError(f"{len(thresholds)} thresholds for a model with {len(sites)} FFN layers: "
                          "the result was measured on a different model")
     rule = CETTRule(thresholds)
-    with apply_rule(model, rule, sites=sites, record=record):
+    with apply_rule(model, rule, sites=sites, record=record, count=count):
         yield rule

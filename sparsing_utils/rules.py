@@ -15,6 +15,10 @@
 A rule maps ``(site, a, gate, col_norms)`` to a boolean mask shaped like ``a``
 (``True`` = activated); :func:`apply_rule` zeroes the rest inside a context manager. In an MoE
 layer a neuron of an expert that did not run on the token is never activated, whatever the rule.
+A rule that decides each neuron from its own ``a_i``, gate and column norm alone (``elementwise``)
+is applied to an MoE layer expert by expert, on the tokens routed to each
+(:class:`~sparsing_utils.moe.ExpertRows`); the others (Top-k ranks a token's neurons together)
+see the full-width vector.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import nn
 
 from .cett import activation_limits
 from .ffn import FFNSite, edit_activations, find_ffn_sites
-from .moe import routed_top_k
+from .moe import ExpertRows, routed_top_k
 
 __all__ = ["CETTRule", "DenseRule", "FATRule", "ReLURule", "RoutedExpertsRule", "SparsityRule", "TopKRule",
            "apply_rule"]
@@ -46,10 +50,16 @@ class SparsityRule:
     need_gate = False
     routed_experts: int | None = None
     keeps_zeros = True
+    elementwise = False  # keep() decides each neuron from its own a_i, gate_i, col_norms_i alone
 
     def keep(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None,
              col_norms: torch.Tensor) -> torch.Tensor:  # [..., d_ff] bool
         raise NotImplementedError
+
+    def keep_columns(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None, col_norms: torch.Tensor,
+                     cols: slice) -> torch.Tensor:  # a [rows, width] = the columns cols of a -> [rows, width] bool
+        """:meth:`keep` of the neurons ``cols`` only (``elementwise`` rules): one expert's block of an MoE layer."""
+        return self.keep(site, a, gate, col_norms[cols])
 
     def describe(self) -> dict:
         return {"rule": self.name}
@@ -70,13 +80,21 @@ class CETTRule(SparsityRule):
         self.thresholds = t
         self._limits: dict[int, torch.Tensor] = {}
 
-    def keep(self, site, a, gate, col_norms):
+    elementwise = True
+
+    def _limits_of(self, site, col_norms, device) -> torch.Tensor:  # [d_ff]
         # |a_i| * ||W_down[:, i]|| > eps_l, as |a_i| > eps_l / ||W_down[:, i]|| (cett.activation_limits)
         limits = self._limits.get(site.index)
-        if limits is None or limits.device != a.device:
-            limits = activation_limits(col_norms, self.thresholds[site.index : site.index + 1])[0].to(a.device)
+        if limits is None or limits.device != device:
+            limits = activation_limits(col_norms, self.thresholds[site.index : site.index + 1])[0].to(device)
             self._limits[site.index] = limits
-        return a.abs() > limits  # [..., d_ff]
+        return limits
+
+    def keep(self, site, a, gate, col_norms):
+        return a.abs() > self._limits_of(site, col_norms, a.device)  # [..., d_ff]
+
+    def keep_columns(self, site, a, gate, col_norms, cols):
+        return a.abs() > self._limits_of(site, col_norms, a.device)[cols]  # [rows, width]
 
     def describe(self):
         return {"rule": self.name, "thresholds": self.thresholds.tolist()}
@@ -140,6 +158,7 @@ class FATRule(SparsityRule):
     eps: float
     name: str = field(default="fat", init=False)
     need_gate: bool = field(default=True, init=False)
+    elementwise = True
 
     def __post_init__(self):
         if not (self.eps >= 0 and torch.isfinite(torch.tensor(self.eps))):
@@ -158,6 +177,7 @@ class ReLURule(SparsityRule):
 
     name: str = field(default="relu", init=False)
     keeps_zeros = False
+    elementwise = True
 
     def keep(self, site, a, gate, col_norms):
         return a != 0
@@ -168,6 +188,7 @@ class DenseRule(SparsityRule):
     """Keeps every neuron (the model is unchanged; used as a control)."""
 
     name: str = field(default="dense", init=False)
+    elementwise = True
 
     def keep(self, site, a, gate, col_norms):
         return torch.ones_like(a, dtype=torch.bool)
@@ -180,6 +201,7 @@ class RoutedExpertsRule(SparsityRule):
 
     k: int
     name: str = field(default="experts", init=False)
+    elementwise = True
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -193,36 +215,62 @@ class RoutedExpertsRule(SparsityRule):
         return {"rule": self.name, "k": self.k}
 
 
-Recorder = Callable[[FFNSite, torch.Tensor], None]
+Recorder = Callable[[FFNSite, torch.Tensor], None]  # (site, keep [batch, seq, d_ff] bool)
+Counter = Callable[[FFNSite, torch.Tensor], None]  # (site, activated neurons per token [batch, seq] float32)
 
 
 @contextlib.contextmanager
 def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite] | None = None,
-               record: Recorder | None = None, check_finite: bool = True) -> Iterator[list[FFNSite]]:
+               record: Recorder | None = None, count: Counter | None = None,
+               check_finite: bool = True) -> Iterator[list[FFNSite]]:
     """Run ``model`` with the non-activated entries of ``a`` set to zero.
 
-    ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``,
-    for activation statistics. ``check_finite`` raises on NaN/inf activations (one device
-    synchronisation per layer; callers that check the loss instead turn it off). Hooks are
-    removed on exit, also after an exception.
+    ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``, for
+    activation statistics; ``count(site, n)`` only the number of activated neurons of each token
+    ``[batch, seq]`` (float32), which an MoE layer adds up expert by expert without building the
+    full-width mask. ``check_finite`` raises on NaN/inf activations (one device synchronisation
+    per layer; callers that check the loss instead turn it off). Hooks are removed on exit, also
+    after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     norms = {s.index: s.column_norms() for s in sites}  # on the device of W_down
 
-    def edit(site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    def non_finite(site: FFNSite):
+        return FloatingPointError(
+            f"non-finite FFN activations at {site.name}: the model produces NaN/inf on this "
+            "input; check the dtype (try float32) and the input ids"
+        )
+
+    def edit(site: FFNSite, a, gate):
+        if site.moe is not None:
+            return edit_experts(site, a, gate)
         if check_finite and not torch.isfinite(a).all():
-            raise FloatingPointError(
-                f"non-finite FFN activations at {site.name}: the model produces NaN/inf on this "
-                "input; check the dtype (try float32) and the input ids"
-            )
+            raise non_finite(site)
         keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
-        if site.moe is not None and rule.keeps_zeros:  # only neurons of the experts that ran (and shared ones)
-            keep = keep & site.moe.ran_mask().to(keep.device)
         if record is not None:
             record(site, keep)
+        if count is not None:
+            count(site, keep.sum(dim=-1, dtype=torch.float32))
         return a * keep
+
+    def edit_experts(site: FFNSite, v: ExpertRows, gate: ExpertRows | None) -> ExpertRows:
+        """An MoE layer: the mask of the neurons kept, expert by expert on the tokens routed to each
+        (only the experts that ran, and shared ones, are there: no other neuron can be kept)."""
+        if check_finite and not bool(v.all_finite()):
+            raise non_finite(site)
+        cn = norms[site.index]
+        if rule.elementwise:
+            keep = v.map(lambda cols, x, g: rule.keep_columns(site, x, g, cn, cols), gate)  # per expert
+        else:  # the rule ranks a token's neurons together: on the full width, experts that ran only
+            full = rule.keep(site, v.full(), None if gate is None else gate.full(), cn)  # [batch, seq, d_ff]
+            keep = v.gather(full & site.moe.ran_mask().to(full.device))
+        if record is not None:
+            record(site, keep.full())
+        if count is not None:
+            count(site, keep.row_sums())
+        return keep
 
     routing = (routed_top_k(model, rule.routed_experts, sites=sites) if rule.routed_experts is not None
                else contextlib.nullcontext())
-    with routing, edit_activations(model, edit, sites=sites, need_gate=rule.need_gate):
+    with routing, edit_activations(model, edit, sites=sites, need_gate=rule.need_gate, compact=True):
         yield sites

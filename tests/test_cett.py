@@ -161,6 +161,35 @@ def test_block_sparse_statistics_match_dense_and_brute_force(shared):
         cett_statistics(a, w_t, cn, eps, blocks=(6, 7))
 
 
+@pytest.mark.parametrize("shared", [0, 4])
+def test_expert_rows_statistics_equal_the_full_width_blocks(shared):
+    """The same vector held as ExpertRows (each expert's rows of the tokens routed to it, in shuffled
+    order, an expert block of exact zeros on a routed token included): per-token CETT and activated
+    counts bitwise those of the full-width block path, for every chunking of the tokens."""
+    from sparsing_utils.moe import ExpertRows
+
+    a, w_t, cn = _moe_case(seed=31 + shared, shared=shared)
+    cut = 5 * 7
+    g = torch.Generator().manual_seed(2)
+    ran = a[:, :cut].reshape(len(a), 5, 7).ne(0).any(dim=-1)  # [tokens, 5]
+    ran[5, 0] = True  # token 5 was routed to expert 0, whose a there is exactly 0
+    rows = [ran[:, e].nonzero().squeeze(1) for e in range(5)]
+    rows = [r[torch.randperm(len(r), generator=g)] for r in rows]  # the forward's order is not the tokens'
+    er = ExpertRows(len(a), 7, rows, [a[r, 7 * e:7 * e + 7] for e, r in enumerate(rows)],
+                    a[:, cut:] if shared else None)
+    assert torch.equal(er.full(), a)
+    eps = torch.tensor([0.0] + midpoint_thresholds(a, cn)[::3])
+    y_norm = (a @ w_t).norm(dim=1)
+    for max_elements in (1, 50, 700, 1 << 26):
+        ref = cett_statistics(a, w_t, cn, eps, y_norm, blocks=(5, 7), max_elements=max_elements)
+        got = cett_statistics(er, w_t, cn, eps, y_norm, max_elements=max_elements)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        per_token = cett_per_token(er, w_t, cn, eps, y_norm, max_elements=max_elements)
+        assert torch.equal(per_token, cett_per_token(a, w_t, cn, eps, y_norm, blocks=(5, 7), max_elements=max_elements))
+    neg = torch.tensor([-1.0, 0.5])  # activates the zeros of the experts that did not run: the full width answers
+    assert torch.equal(cett_statistics(er, w_t, cn, neg)[1], cett_statistics(a, w_t, cn, neg)[1])
+
+
 def test_cett_statistics_matches_brute_force():
     a, w_t, cn = random_case(seed=5, relu=True, zero_token=0)
     eps = [0.0] + midpoint_thresholds(a, cn)

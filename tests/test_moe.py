@@ -585,3 +585,182 @@ def test_incomplete_moe_blocks_get_clear_errors():
             apply_rule(m, DenseRule()):
         logits(m, ids())
     assert count_hooks(m) == 0
+
+
+# -- the compact path (ExpertRows) against the full-width virtual vector --------------------------
+
+def test_expert_rows_operations():
+    """ExpertRows (4 experts of width 3, 2 shared columns, 9 tokens; rows out of order, one expert
+    with no token) against the full [9, 14] matrix it stands for."""
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.tensor([5, 1, 7]), torch.tensor([], dtype=torch.long), torch.tensor([0, 8, 2, 5]), torch.tensor([3])]
+    values = [torch.randn(len(r), 3, generator=g) for r in rows]
+    values[2][1] = 0  # an expert that ran and gave exact zeros
+    er = su.ExpertRows(9, 3, rows, values, torch.randn(9, 2, generator=g), (3, 3))
+    ref = torch.zeros(9, 14)
+    for e, (r, x) in enumerate(zip(rows, values)):
+        ref[r, 3 * e:3 * e + 3] = x
+    ref[:, 12:] = er.shared
+    assert er.shape == (9, 14) and er.d_ff == 14 and er.d_shared == 2
+    assert torch.equal(er.full(), ref.view(3, 3, 14))
+    srt = er.sorted()
+    assert srt.ascending and all(bool((r[1:] > r[:-1]).all()) for r in srt.rows) and torch.equal(srt.full(), er.full())
+    assert torch.equal(er.gather(ref * 2).full(), 2 * er.full())  # reads back the stored places only
+    index = torch.tensor([0, 2, 5, 8])
+    assert torch.equal(er.take(index).full(), ref[index]) and er.take(index).n_tokens == 4
+    both = su.ExpertRows.cat([er.take(index), er])
+    assert torch.equal(both.full(), torch.cat([ref[index], ref]))
+    keep = er.map(lambda cols, x, _: x > 0)
+    assert keep.dtype == torch.bool and torch.equal(keep.full(), ref.view(3, 3, 14) > 0)
+    assert torch.equal(keep.row_sums(), (ref > 0).sum(dim=-1).float().view(3, 3))
+    assert torch.equal(er.map(lambda cols, x, k: x * k, keep).full(), (ref * (ref > 0)).view(3, 3, 14))
+    assert er.zeros_left_out() == 9 * 12 - 8 * 3
+    assert bool(er.all_finite())
+    values[3][0, 1] = float("nan")
+    assert not bool(er.all_finite())
+    assert er.nbytes == sum(t.numel() * t.element_size() for t in (*rows, *values, er.shared))
+
+
+class DroppingRouter(nn.Module):
+    """A router whose choices of expert ``gone`` and every slot of every 5th token are dropped (index
+    ``E``, as capacity-limited routers mark them): an expert with no token, tokens with fewer experts
+    and tokens routed to no expert at all (only the shared expert, if any, runs for them)."""
+
+    def __init__(self, router, num_experts, gone=1):
+        super().__init__()
+        self.inner, self.num_experts, self.gone = router, num_experts, gone
+        self.top_k = router.top_k
+
+    def forward(self, h):
+        out = list(self.inner(h))
+        i = next(j for j, t in enumerate(out) if isinstance(t, torch.Tensor) and not t.is_floating_point())
+        index = out[i].clone()
+        flat = index.view(-1, index.shape[-1])
+        flat[flat == self.gone] = self.num_experts
+        flat[::5] = self.num_experts
+        out[i] = index
+        return tuple(out)
+
+
+def _capture(model, x, mask, compact, batch=2):
+    """``{layer: (a, y)}`` read in batches of ``batch`` blocks (as the probes below run): full width
+    ``a [blocks, seq, d_ff]``, or compact: a list of one ExpertRows per batch."""
+    seen = {}
+    with torch.no_grad(), read_activations(model, lambda s, a, y: seen.setdefault(s.index, []).append((a, y.clone())),
+                                           with_output=True, compact=compact):
+        for b in range(0, len(x), batch):
+            model(input_ids=x[b:b + batch], attention_mask=mask[b:b + batch], use_cache=False)
+    return {i: ([a for a, _ in v] if compact else torch.cat([a for a, _ in v]), torch.cat([y for _, y in v]))
+            for i, v in seen.items()}
+
+
+@pytest.mark.parametrize("family,dropping", [(f, False) for f in ALL_LAYOUTS]
+                         + [(f, True) for f in ("mixtral", "qwen2_moe", "deepseek_v2", "remote_deepseek")])
+def test_compact_path_equals_full_width_reference(family, dropping):
+    """The hooks hold each MoE layer's v per expert (ExpertRows): what they show, the CETT statistics
+    (memory and stream mode, padded blocks, several batches), the masks and counts of a sparse pass
+    and its logits equal those of the full-width vector [tokens, E d_e + d_s] (bitwise; the dense
+    product without expert blocks to float tolerance). ``dropping``: an expert with no token and
+    tokens routed to no expert (DroppingRouter)."""
+    from sparsing_utils.cett import cett_statistics, l2_norm
+
+    model = build(family)
+    if dropping:
+        for block in moe_blocks(model).values():
+            block.gate = DroppingRouter(block.gate, find_moe(nn.ModuleDict({"mlp": block}), "x").num_experts)
+    x = ids(batch=5, seq=13, seed=9)
+    mask = torch.ones_like(x)
+    mask[1, 9:] = 0  # padding at the end of two blocks
+    mask[3, 4:] = 0
+    real = mask.bool().reshape(-1)
+    full, compact = _capture(model, x, mask, False), _capture(model, x, mask, True)
+    sites = find_ffn_sites(model)
+    moe = [s for s in sites if s.moe is not None]
+    for s in moe:
+        parts = compact[s.index][0]
+        assert all(isinstance(er, su.ExpertRows) for er in parts) and parts[0].lead == (2, 13)
+        assert torch.equal(torch.cat([er.full() for er in parts]), full[s.index][0])
+        assert torch.equal(compact[s.index][1], full[s.index][1])
+        if dropping:
+            assert all(len(er.rows[1]) == 0 for er in parts)  # expert 1 got no token
+            assert not any(bool((r % 5 == 0).any()) for er in parts for r in er.rows)  # every 5th token: no expert
+        assert s.moe.ran is None
+    # CETT statistics: the probe (per expert) against the full-width a of the real tokens
+    probe = SparsityProbe(model, Blocks(x, mask), batch_size=2)
+    stream = SparsityProbe(model, Blocks(x, mask), batch_size=2, mode="stream")
+    eps = torch.stack([_quantile_nonzero(full[s.index][0].reshape(-1, s.d_ff)[real], s.column_norms(), 0.5)
+                       for s in sites])
+    cett = probe.layer_cett(eps)
+    assert torch.equal(stream.layer_cett(eps), cett)
+    for s in sites:
+        a = full[s.index][0].reshape(-1, s.d_ff)[real]  # [real tokens, d_ff]
+        y_norm = l2_norm(full[s.index][1].reshape(-1, D)[real])
+        assert torch.equal(probe.activations(s.index), a)
+        ref, _ = cett_statistics(a, s.weight_t().detach(), s.column_norms(), eps[s.index:s.index + 1], y_norm,
+                                 blocks=s.expert_blocks)
+        assert float(cett[s.index]) == float((ref / len(a)).float())
+        dense_ref, _ = cett_statistics(a, s.weight_t().detach(), s.column_norms(), eps[s.index:s.index + 1], y_norm)
+        assert float(cett[s.index]) == pytest.approx(float(dense_ref / len(a)), abs=1e-6)
+    # sparse passes: masks, counts and logits against a full-width edit by the same rule (batches of 2)
+    norms = {s.index: s.column_norms() for s in sites}
+    for rule in (CETTRule(eps), su.TopKRule(0.3), su.FATRule(0.05)):
+        masks, counts = {}, {}
+
+        def reference(site, a, gate, _rule=rule, _masks=masks):
+            keep = _rule.keep(site, a, gate, norms[site.index])
+            if site.moe is not None:
+                keep = keep & site.moe.ran_mask()
+            assert torch.equal(keep, _masks[site.index][-1])
+            return a * keep
+
+        def record(s, k, _masks=masks):
+            _masks.setdefault(s.index, []).append(k)
+
+        def count(s, n, _counts=counts):
+            _counts.setdefault(s.index, []).append(n)
+
+        for b in range(0, len(x), 2):
+            ids_b, mask_b = x[b:b + 2], mask[b:b + 2]
+            with torch.no_grad(), apply_rule(model, rule, record=record, count=count):
+                out = model(input_ids=ids_b, attention_mask=mask_b, use_cache=False).logits
+            with torch.no_grad(), su.edit_activations(model, reference, need_gate=rule.need_gate):
+                assert torch.equal(out, model(input_ids=ids_b, attention_mask=mask_b, use_cache=False).logits)
+        stats = probe.sparse_pass(rule)  # its counts: per expert, padding excluded
+        for s in sites:
+            kept = torch.cat(masks[s.index])  # [blocks, seq, d_ff]
+            assert torch.equal(torch.cat(counts[s.index]), kept.sum(dim=-1, dtype=torch.float32))
+            kept = kept.reshape(-1, s.d_ff)[real]
+            assert float(stats.layer_active[s.index]) == pytest.approx(float(kept.float().mean()), abs=1e-7)
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_tokens_routed_to_no_expert_count_only_shared_neurons(family):
+    """With DroppingRouter, every 5th token runs no routed expert: its neurons that ran are the
+    shared ones (d_s; none for Mixtral, whose output for it is 0), and both activation ratios of a
+    sparse pass equal the counts from the full-width mask."""
+    model = build(family)
+    for block in moe_blocks(model).values():
+        block.gate = DroppingRouter(block.gate, find_moe(nn.ModuleDict({"mlp": block}), "x").num_experts)
+    x = ids(batch=4, seq=10, seed=12)
+    probe = SparsityProbe(model, Blocks(x))
+    eps = torch.stack([_quantile_nonzero(probe.activations(s.index), s.column_norms(), 0.4) for s in probe.sites])
+    ran_counts, masks = {}, {}
+
+    def record(site, keep):
+        masks[site.index] = keep.reshape(-1, site.d_ff)
+        ran_counts[site.index] = site.ran_neurons(keep).reshape(-1)
+
+    with torch.no_grad(), apply_rule(model, CETTRule(eps), record=record):
+        model(input_ids=x, use_cache=False)
+    stats = probe.sparse_pass(CETTRule(eps))
+    for s in probe.sites:
+        if s.moe is None:
+            continue
+        assert bool((ran_counts[s.index][::5] == s.moe.d_shared).all())
+        assert not masks[s.index][::5, : s.moe.num_experts * s.moe.d_expert].any()
+        if s.moe.d_shared == 0:
+            assert not bool(probe.activations(s.index)[::5].any())
+        assert float(stats.layer_active[s.index]) == pytest.approx(float(masks[s.index].float().mean()), abs=1e-7)
+        assert float(stats.layer_active_ran[s.index]) == pytest.approx(
+            float(masks[s.index].sum() / ran_counts[s.index].sum()), abs=1e-7)
