@@ -279,7 +279,8 @@ class SparsityProbe:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
                     target = ids[:, 1:]
                     valid = (mask[:, 1:] * mask[:, :-1]).bool()
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                    # float32 first: one copy of the (non-contiguous) slice, not a copy and then a conversion
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                            reduction="none").view_as(target)
                     loss = torch.where(valid, loss, torch.zeros_like(loss))
                     if token_nll is not None:
