@@ -29,10 +29,12 @@ __all__ = [
     "cett_per_token",
     "cett_statistics",
     "default_compute_dtype",
+    "host_to_device",
     "interpolate_thresholds",
     "l2_norm",
     "neuron_norms",
     "refine_thresholds",
+    "sketch_projection",
     "sketch_weight",
     "truncated_norms",
     "truncated_statistics",
@@ -47,7 +49,14 @@ def default_compute_dtype(a: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0) -> torch.Tensor:
+def sketch_projection(d_model: int, dim: int, *, seed: int = 0) -> torch.Tensor:
+    """The random projection of :func:`sketch_weight`: ``[d_model, dim]`` float32 on the CPU,
+    i.i.d. ``N(0, 1 / dim)`` from a CPU generator seeded with ``seed`` (the same on every device)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(d_model, dim, generator=g, dtype=torch.float32) / math.sqrt(dim)  # [d_model, dim]
+
+
+def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0, proj: torch.Tensor | None = None) -> torch.Tensor:
     """A Johnson-Lindenstrauss sketch of ``W_down``: ``[d_ff, dim]`` with
     ``E ||x @ sketch||^2 = ||x @ w_t||^2`` for every ``x``.
 
@@ -55,18 +64,31 @@ def sketch_weight(w_t: torch.Tensor, dim: int, *, seed: int = 0) -> torch.Tensor
     their relative error per token is about ``sqrt(2 / dim)`` and averages out over tokens
     (the bias of the norm, from Jensen's inequality, is about ``1 / (4 dim)``). Used only
     for the CETT curves that guide the exact search. ``dim >= d_model`` returns ``w_t``.
+    ``proj``: :func:`sketch_projection` ``(d_model, dim, seed=seed)``, already on the device
+    (a caller sketching many layers copies all projections at once: no copy per layer).
     """
     d_model = w_t.shape[1]
     if dim >= d_model:
         return w_t
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    proj = torch.randn(d_model, dim, generator=g, dtype=torch.float32) / math.sqrt(dim)  # [d_model, dim]
+    if proj is None:
+        proj = sketch_projection(d_model, dim, seed=seed)
     # In the weights' own half precision on CUDA (fp32 accumulation), like the forward's products:
     # a float32 product would be the search's only one, and the first launch of a kernel in a
     # process loads it (on an H200: 11 ms for this float32 product, 7 ms in bf16; issue 10,
     # benchmarks/first_use_costs.py).
     cd = default_compute_dtype(w_t)
     return (w_t.to(cd) @ proj.to(w_t.device, cd)).to(w_t.dtype)  # [d_ff, dim]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` (on the CPU) copied to ``device`` without making the host wait: on CUDA through
+    pinned memory, asynchronously (a copy from pageable memory synchronises the host with the
+    device, which drains the queue of kernels; issue 10). Call it before a forward pass, once
+    for all layers, rather than moving small tensors inside the hooks."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # The two helpers below give what ``Tensor.norm`` and ``isfinite(x).all()`` give, through kernels
@@ -314,6 +336,14 @@ class NormHistogram:
         values = 10 ** (self.LOG_MIN + (idx.double() + 1) * width)
         values = torch.where(want <= self.zeros.unsqueeze(1), torch.zeros_like(values), values)
         return values.float()
+
+    def cpu(self) -> NormHistogram:
+        """A copy on the CPU (one transfer), where :meth:`quantiles` launches no device kernels
+        (their first use in a process costs tens of ms each on CUDA: issue 10)."""
+        both = torch.cat([self.counts, self.zeros.unsqueeze(1)], dim=1).cpu()  # [layers, BINS + 1]
+        out = NormHistogram(0)
+        out.counts, out.zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
+        return out
 
     def all_reduce(self) -> None:
         import torch.distributed as dist

@@ -45,10 +45,12 @@ from .cett import (
     NormHistogram,
     all_finite,
     cett_statistics,
+    host_to_device,
     interpolate_thresholds,
     l2_norm,
     neuron_norms,
     refine_thresholds,
+    sketch_projection,
     sketch_weight,
 )
 from .ffn import FFNSite, edit_activations, find_ffn_sites, read_activations
@@ -268,13 +270,13 @@ class SparsityProbe:
 
     # -- passes ---------------------------------------------------------------------------
     def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(ids, mask)`` on the device and the mask on the CPU, batch by batch."""
+        """``(ids, mask)`` on the device and the mask on the CPU, batch by batch (copied through
+        pinned memory on CUDA: the host does not wait)."""
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
             mask = self.attention_mask[sel]
-            yield (self.input_ids[sel].to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
-                   mask)
+            yield host_to_device(self.input_ids[sel], self.device), host_to_device(mask, self.device), mask
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -289,7 +291,8 @@ class SparsityProbe:
              compute_loss: bool = True, token_nll: list[torch.Tensor] | None = None) -> tuple[float, int]:
         """Forward over blocks: ``(sum of next-token NLL, predicted tokens)``, all-reduced.
         ``rows`` (for the hooks) is moved to each batch before its forward; ``token_nll``, when
-        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding)."""
+        given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding). The host reads
+        the device once, at the end (a NaN/inf loss makes the NLL sum non-finite, checked then)."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # NLL sum, predicted tokens
         nll, count = sums[0], sums[1]
         bar = self._progress(desc, blocks)
@@ -307,13 +310,10 @@ class SparsityProbe:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
                     target = ids[:, 1:]
                     valid = (mask[:, 1:] * mask[:, :-1]).bool()
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                    # float32 first: one copy of the (non-contiguous) slice, not a copy and then a conversion
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                            reduction="none").view_as(target)
                     loss = torch.where(valid, loss, torch.zeros_like(loss))
-                    if not bool(all_finite(loss)):
-                        raise FloatingPointError(
-                            f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
-                            "on this text; load it in float32 (dtype='float32') or check the input ids")
                     if token_nll is not None:
                         token_nll.append(loss)
                     nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
@@ -325,6 +325,10 @@ class SparsityProbe:
             if bar is not None:
                 bar.close()
         nll, count = _all_reduce(sums).tolist()
+        if compute_loss and not math.isfinite(nll):  # a NaN/inf loss on any batch (of any process)
+            raise FloatingPointError(
+                f"non-finite loss in the {desc} pass of {self.name}: the model produces NaN/inf "
+                "on this text; load it in float32 (dtype='float32') or check the input ids")
         return nll, int(count)
 
     def prepare(self) -> SparsityProbe:
@@ -386,7 +390,7 @@ class SparsityProbe:
         ynorms.clear()
         if self.mode == "memory":
             self._acts, self._ynorm = a_all, y_all
-            sel = self._curve_rows.nonzero().squeeze(1)
+            sel = host_to_device(self._curve_rows.nonzero().squeeze(1), self.device)  # one copy for all layers
             a_all = [_take(a, sel) for a in a_all]
             y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
         self.curve = self._guide_curve(a_all, y_all)
@@ -402,7 +406,7 @@ class SparsityProbe:
         out, start = {}, 0
         for b in range(0, len(real), self.batch_size):
             stop = start + int(real[b:b + self.batch_size].sum())
-            out[start, stop] = chosen[start:stop].nonzero().squeeze(1).to(self.device)
+            out[start, stop] = host_to_device(chosen[start:stop].nonzero().squeeze(1), self.device)
             start = stop
         return out
 
@@ -411,24 +415,45 @@ class SparsityProbe:
         ``y_norm [tokens]`` per layer, combined over processes: the grid (0, then the norm
         quantiles at which the activation ratio is each of ``levels``) from a histogram of the
         neuron norms (integer counts: the same grid for every split), then the mean CETT at the
-        grid through a ``sketch_dim``-dimensional sketch of ``W_down``. Two all-reduces in all."""
+        grid through a ``sketch_dim``-dimensional sketch of ``W_down``. Two all-reduces in all.
+
+        The host reads the device twice (the histogram, then the curve): the quantiles are
+        taken on the CPU, and the grid and the sketches' projections go to the device in one
+        copy each, so no layer waits for a transfer."""
         hist = NormHistogram(len(self.sites), device=self.device)
         for site in self.sites:
             _histogram_add(hist, site.index, a[site.index], self.device, self.col_norms[site.index])
         hist.all_reduce()
-        q = hist.quantiles(1 - self.levels).sort(dim=1).values  # [layers, K]
-        grid = torch.cat([torch.zeros(len(self.sites), 1, device=q.device), q], dim=1)  # [layers, K+1]
+        q = hist.cpu().quantiles(1 - self.levels).sort(dim=1).values  # [layers, K]
+        grid = torch.cat([torch.zeros(len(self.sites), 1), q], dim=1)  # [layers, K+1] on the CPU
+        grid_dev = host_to_device(grid, self.device)
+        projs = self._sketch_projections()
         sums = torch.zeros(len(self.sites), grid.shape[1] + 1, dtype=torch.float64, device=self.device)
         for site in self.sites:
             i = site.index
-            sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i)
-            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid[i].to(a[i].device), y_norm[i],
+            sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i, proj=projs.get(i))
+            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid_dev[i].to(a[i].device), y_norm[i],
                                   blocks=site.expert_blocks)
             sums[i, :-1] = c.to(self.device)
             sums[i, -1] = a[i].shape[0]
         _all_reduce(sums)  # [layers, K+2]: CETT sums at the grid, then the guide token count
         cett = sums[:, :-1] / sums[:, -1:].clamp_min(1)
-        return CETTCurve(grid.float().cpu(), cett.float().cpu())
+        return CETTCurve(grid, cett.float().cpu())
+
+    def _sketch_projections(self) -> dict[int, torch.Tensor]:
+        """Every layer's :func:`~sparsing_utils.cett.sketch_projection` (seed: the layer index) on
+        the device, copied in one transfer; layers not sketched (``sketch_dim >= d_model``) have none."""
+        shapes = {s.index: (s.weight_t().shape[1], self.sketch_dim) for s in self.sites
+                  if self.sketch_dim < s.weight_t().shape[1]}
+        if not shapes:
+            return {}
+        flat = host_to_device(torch.cat([sketch_projection(*shape, seed=i).reshape(-1) for i, shape in shapes.items()]),
+                              self.device)
+        out, start = {}, 0
+        for i, (d_model, dim) in shapes.items():
+            out[i] = flat[start:start + d_model * dim].view(d_model, dim)
+            start += d_model * dim
+        return out
 
     def _cett_sums(self, eps: torch.Tensor, todo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact CETT sums at per-layer thresholds ``eps [layers, M]`` for the layers in
@@ -439,20 +464,22 @@ class SparsityProbe:
         layers, m = eps.shape
         cett_sum = torch.zeros(layers, m, dtype=torch.float64, device=self.device)
         self.cett_evaluations += 1
+        eps_dev = host_to_device(eps, self.device)  # one copy for all layers, before any hook runs
 
         def add(site: FFNSite, a: torch.Tensor | ExpertRows, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
             i = site.index
-            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i].to(a.device), y_norm,
+            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps_dev[i].to(a.device), y_norm,
                                   blocks=site.expert_blocks)
             cett_sum[i] += c.to(self.device)
 
+        todo = todo.tolist()
+        needed = {s.index for s in self.sites if todo[s.index]}  # todo as Python bools: no per-layer read
         if self._acts is not None:
             for site in self.sites:
-                if bool(todo[site.index]):
+                if site.index in needed:
                     add(site, self._acts[site.index], self._ynorm[site.index])
         else:
             rows = TokenRows()
-            needed = {s.index for s in self.sites if bool(todo[s.index])}
             seen: set[int] = set()
             batch = [-1]
 
@@ -569,13 +596,14 @@ class SparsityProbe:
 
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
         token_nll: list[torch.Tensor] = []
-        with apply_rule(self.model, rule, sites=self.sites, count=count, check_finite=False):
+        with apply_rule(self.model, rule, sites=self.sites, count=count, check_finite=False,
+                        col_norms=self.col_norms):
             nll, count = self._run(f"sparse pass ({self.name})", rows, token_nll=token_nll)
         self.sparse_passes += 1
-        _all_reduce(active)
-        d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64, device=self.device)
-        layer_active = (active / (self.n_tokens * d_ff)).float().cpu()
-        layer_ran = (active / _all_reduce(ran).clamp_min(1)).float().cpu() if moe else None
+        active, ran = _all_reduce(torch.stack([active, ran])).cpu()  # one collective, one copy to the host
+        d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64)
+        layer_active = (active / (self.n_tokens * d_ff)).float()
+        layer_ran = (active / ran.clamp_min(1)).float() if moe else None
         return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None, layer_ran,
                          token_nll=torch.cat(token_nll).float().cpu())
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cett import activation_limits
+from .cett import activation_limits, host_to_device
 from .ffn import FFNSite, edit_activations, find_ffn_sites
 from .moe import ExpertRows, routed_top_k
 
@@ -61,6 +61,11 @@ class SparsityRule:
         """:meth:`keep` of the neurons ``cols`` only (``elementwise`` rules): one expert's block of an MoE layer."""
         return self.keep(site, a, gate, col_norms[cols])
 
+    def bind(self, sites: Sequence[FFNSite], col_norms: dict[int, torch.Tensor]) -> None:
+        """Called by :func:`apply_rule` before the forward: put on the device what :meth:`keep`
+        needs for every layer, so that no hook copies from the host (each such copy makes the
+        host wait for the device). Nothing to do by default."""
+
     def describe(self) -> dict:
         return {"rule": self.name}
 
@@ -72,6 +77,7 @@ class CETTRule(SparsityRule):
     thresholds: Sequence[float] | torch.Tensor
     name: str = field(default="cett", init=False)
     keeps_zeros = False  # |0| * ||W_down[:, i]|| = 0 <= eps for every eps >= 0
+    elementwise = True
 
     def __post_init__(self):
         t = torch.as_tensor(self.thresholds, dtype=torch.float32).reshape(-1)
@@ -80,7 +86,23 @@ class CETTRule(SparsityRule):
         self.thresholds = t
         self._limits: dict[int, torch.Tensor] = {}
 
-    elementwise = True
+    def bind(self, sites, col_norms):
+        """Every layer's limits on ``|a|``, on the device of its ``W_down``: one copy of all
+        thresholds per device, before the forward."""
+        need = 1 + max((s.index for s in sites), default=-1)
+        if len(self.thresholds) < need:
+            raise ValueError(f"the CETT rule has {len(self.thresholds)} thresholds, the model {need} FFN layers: "
+                             "give one threshold per layer")
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for site in sites:
+            cn = col_norms[site.index]
+            limits = self._limits.get(site.index)
+            if limits is not None and limits.device == cn.device:
+                continue
+            if cn.device not in on_device:
+                on_device[cn.device] = host_to_device(self.thresholds, cn.device)
+            eps = on_device[cn.device][site.index : site.index + 1]
+            self._limits[site.index] = activation_limits(cn, eps)[0]  # [d_ff], as keep() computes it
 
     def _limits_of(self, site, col_norms, device) -> torch.Tensor:  # [d_ff]
         # |a_i| * ||W_down[:, i]|| > eps_l, as |a_i| > eps_l / ||W_down[:, i]|| (cett.activation_limits)
@@ -222,18 +244,22 @@ Counter = Callable[[FFNSite, torch.Tensor], None]  # (site, activated neurons pe
 @contextlib.contextmanager
 def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite] | None = None,
                record: Recorder | None = None, count: Counter | None = None,
-               check_finite: bool = True) -> Iterator[list[FFNSite]]:
+               check_finite: bool = True, col_norms: Sequence[torch.Tensor] | None = None) -> Iterator[list[FFNSite]]:
     """Run ``model`` with the non-activated entries of ``a`` set to zero.
 
     ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``, for
     activation statistics; ``count(site, n)`` only the number of activated neurons of each token
     ``[batch, seq]`` (float32), which an MoE layer adds up expert by expert without building the
     full-width mask. ``check_finite`` raises on NaN/inf activations (one device synchronisation
-    per layer; callers that check the loss instead turn it off). Hooks are removed on exit, also
-    after an exception.
+    per layer; callers that check the loss instead turn it off). ``col_norms``: each layer's
+    ``||W_down[:, i]||`` (:meth:`FFNSite.column_norms`, by site index), computed here when not
+    given. The rule puts what it needs on the device before the forward (:meth:`SparsityRule.bind`).
+    Hooks are removed on exit, also after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
-    norms = {s.index: s.column_norms() for s in sites}  # on the device of W_down
+    # on the device of W_down; a caller that applies many rules passes them (computed once)
+    norms = {s.index: s.column_norms() if col_norms is None else col_norms[s.index] for s in sites}
+    rule.bind(sites, norms)
 
     def non_finite(site: FFNSite):
         return FloatingPointError(

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .probe import PassStats, SparsityProbe, _all_reduce
 from .results import CheckpointResult, PPLPResult
@@ -132,7 +133,9 @@ def log_ratio_se(probe: SparsityProbe, sparse: PassStats, other: PassStats | Non
         return 0.0
     diff = (sparse.token_nll.double() - other.token_nll.double()).reshape(-1)  # 0 at padding in both
     n = float(probe.dense.n_predicted)
-    sums = _all_reduce(torch.stack([diff.sum(), (diff * diff).sum()]).to(probe.device)).cpu()
+    sums = torch.stack([diff.sum(), (diff * diff).sum()])
+    if dist.is_available() and dist.is_initialized():  # else no round trip through the device
+        sums = _all_reduce(sums.to(probe.device)).cpu()
     mean = float(sums[0]) / max(n, 1.0)
     var = max(float(sums[1]) / max(n, 1.0) - mean * mean, 0.0)
     return math.sqrt(var / max(n - 1.0, 1.0))
