@@ -429,13 +429,16 @@ class SparsityProbe:
         grid_dev = host_to_device(grid, self.device)
         projs = self._sketch_projections()
         sums = torch.zeros(len(self.sites), grid.shape[1] + 1, dtype=torch.float64, device=self.device)
+        # the guide token count of every layer in one copy (a Python number written into a device
+        # tensor is a blocking copy from the host: one per layer)
+        sums[:, -1] = host_to_device(torch.tensor([float(a[s.index].shape[0]) for s in self.sites],
+                                                  dtype=torch.float64), self.device)
         for site in self.sites:
             i = site.index
             sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i, proj=projs.get(i))
             c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid_dev[i].to(a[i].device), y_norm[i],
                                   blocks=site.expert_blocks)
             sums[i, :-1] = c.to(self.device)
-            sums[i, -1] = a[i].shape[0]
         _all_reduce(sums)  # [layers, K+2]: CETT sums at the grid, then the guide token count
         cett = sums[:, :-1] / sums[:, -1:].clamp_min(1)
         return CETTCurve(grid, cett.float().cpu())
