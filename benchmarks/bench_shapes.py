@@ -286,7 +286,7 @@ def ratios(rows: list[dict]) -> str:
             continue
         sm = r["stream"]["wall_s"] / r["second"]["wall_s"] if "stream" in r else math.nan
         rp = r["reference"]["wall_s"] / r["first"]["wall_s"] if "reference" in r else math.nan
-        lines.append(f"| {r['shape']} | {sm:.2f} | {rp:.0f}x |")
+        lines.append(f"| {r['shape']} | {sm:.2f} | " + ("not run |" if math.isnan(rp) else f"{rp:.0f}x |"))
     return "\n".join(lines)
 
 
