@@ -53,6 +53,7 @@ __all__ = [
     "load_sweep",
     "loss_curve_frame",
     "neuron_frequency_frame",
+    "pareto_frame",
     "pattern_checkpoint",
     "pattern_table",
     "publish",
@@ -664,3 +665,27 @@ def token_ratio_pair(a: RunResult, b: RunResult, domain: str, which: str = "last
                          "lengths of at least 3")
     return {"x": x, "y": y, "r": float(np.corrcoef(x, y)[0, 1]), "n": len(x), "domain": domain,
             "a": a.name, "b": b.name, "by": by}
+
+
+# ---------------------------------------------------------------------------
+# Pareto points of the final checkpoint (Figs. 2 and 3 on our own runs)
+# ---------------------------------------------------------------------------
+def pareto_frame(runs: Iterable[RunResult]):
+    """The ``pareto`` points of each run that has them (``sparsing track --pareto``): one row per
+    sparse pass of the final checkpoint, columns run, activation, rule (``cett``, or ``experts`` for
+    an MoE run's routed-experts points), value, activation_ratio, ppl, ppl_ratio (and
+    activation_ratio_ran for MoE runs), ordered by run and activation ratio. Runs without points are
+    left out; none at all is an error naming how to get them."""
+    import pandas as pd
+
+    rows = []
+    for r in runs:
+        par = r.data.get("pareto")
+        if not par:
+            continue
+        for row in par["rows"]:
+            rows.append({"run": r.name, "activation": r.activation, "checkpoint": par["name"], **row})
+    if not rows:
+        raise ValueError("no run has Pareto points: track the run with `sparsing track ... --pareto 0.05,0.1,0.2`")
+    return pd.DataFrame(rows).sort_values(["run", "rule", "activation_ratio"], kind="stable").reset_index(drop=True)
+

@@ -25,14 +25,15 @@ from sparsing_utils import fitting
 
 NOTEBOOK = ROOT / "notebooks" / "03_training_runs.ipynb"
 PARAMETERS = {"smoke": True, "n_bootstrap": 20}  # output_dir is added per run
-FIGURES = ("fig11_loss_curves", "fig4_activation_vs_data_ours", "seed_band", "repetition")
+FIGURES = ("fig11_loss_curves", "fig4_activation_vs_data_ours", "seed_band", "seed_band_silu", "pareto_final_checkpoints",
+           "repetition")
 ACTIVATION = [f"activation/{a}-{s}" for a in ("relu", "silu") for s in ("1m", "2m", "4m")]
 SEEDS = [f"seeds/relu-2m-seed{s}" for s in range(3)]
 VARIANTS = {"all pre-decay checkpoints": {}, "D/N >= 10": {"min_dn": 10}, "ReLU: falling part only": {"falling": True}}
 
 
 def test_notebook_03_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK, headlines=5)  # loss, activation, seeds, SiLU seeds and the rerun, repetition
+    assert_thin_and_stripped(NOTEBOOK, headlines=6)  # loss, activation, seeds, SiLU seeds and the rerun, Pareto, repetition
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_figures_are_saved(run):
 @pytest.mark.notebook
 def test_headlines_print_the_computed_numbers(run):
     executed, out = run
-    loss_text, act_text, seed_text, silu_text, rep_text = headline_text(executed)
+    loss_text, act_text, seed_text, silu_text, pareto_text, rep_text = headline_text(executed)
     seeds = [shipped_run(k) for k in SEEDS]
     loss_sd = np.std([s["checkpoints"][-1]["heldout_loss"] for s in seeds], ddof=1)
     for line, size in zip(loss_text.strip().splitlines(), ("1m", "2m", "4m")):
@@ -158,6 +159,20 @@ def test_headlines_print_the_computed_numbers(run):
     assert (f"last stable {_last_stable(a)['activation_ratio']:.4f} / {_last_stable(b)['activation_ratio']:.4f} "
             f"({(_last_stable(b)['activation_ratio'] - _last_stable(a)['activation_ratio']) / last_sd:+.1f} ReLU seed sd)"
             ) in silu_text
+    pareto = pd.read_csv(out / "pareto.csv")  # the final checkpoints' Pareto points, as the files hold them
+    with_points = {"moe/relu-2m-rerun", "width_depth/relu-d64-l40", "seeds_silu/silu-2m-seed1", "seeds_silu/silu-2m-seed2"}
+    assert sorted(pareto["run"].unique()) == sorted(k.split("/")[1] for k in with_points)
+    for key in with_points:
+        r = shipped_run(key)
+        rows = sorted(r["pareto"]["rows"], key=lambda x: x["activation_ratio"])
+        got = pareto[pareto["run"] == r["run"]]
+        assert got["activation_ratio"].tolist() == [x["activation_ratio"] for x in rows]
+        assert got["ppl_ratio"].tolist() == [x["ppl_ratio"] for x in rows]
+        assert r["pareto"]["name"] == r["checkpoints"][-1]["name"]  # the final checkpoint
+        by_c = {x["value"]: x for x in rows}
+        assert f"{r['run']} {by_c[0.1]['activation_ratio']:.3f} (PPL ratio {by_c[0.1]['ppl_ratio']:.4f})" in pareto_text
+        ratios = [by_c[c]["activation_ratio"] for c in sorted(by_c)]
+        assert ratios == sorted(ratios, reverse=True)  # a larger CETT target cuts more neurons
     rep = pd.read_csv(out / "repetition.csv").set_index("run")
     small = shipped_run("repetition/relu-2m-frac005")
     assert f"relu-2m-frac005: {rep.loc['relu-2m-frac005', 'epochs']:.1f} epochs" in rep_text

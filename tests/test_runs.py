@@ -482,3 +482,19 @@ def test_run_figures_draw_their_tables(tree):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_pareto_frame_reads_the_final_checkpoints_points(tree):
+    """runs.pareto_frame: one row per recorded sparse pass, ordered by activation ratio per run; runs
+    without points are left out, and none at all is an error that says how to get them."""
+    a = runs.load_sweep("activation", tree)["relu-a"]
+    rows = [{"rule": "cett", "value": c, "activation_ratio": ar, "ppl": 10 * pr, "ppl_ratio": pr}
+            for c, ar, pr in ((0.2, 0.1, 1.1), (0.05, 0.3, 1.01), (0.1, 0.2, 1.03))]
+    with pytest.raises(ValueError, match="--pareto"):
+        runs.pareto_frame(runs.load_runs(tree))
+    write(tree / "activation" / f"{a.name}.json", {**a.data, "pareto": {"name": "final", "ppl_dense": 10.0, "rows": rows}})
+    frame = runs.pareto_frame(runs.load_runs(tree, distinct=True))
+    assert frame["run"].unique().tolist() == [a.name]
+    assert frame["activation_ratio"].tolist() == [0.1, 0.2, 0.3] and frame["value"].tolist() == [0.2, 0.1, 0.05]
+    assert set(frame["activation"]) == {a.activation} and (frame["checkpoint"] == "final").all()
+
