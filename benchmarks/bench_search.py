@@ -66,8 +66,8 @@ import official_reference as ref
 
 from sparsing_utils.jsonio import atomic_write_json
 from sparsing_utils.probe import SparsityProbe
-from sparsing_utils.search import search_ppl_p
 from sparsing_utils.rules import CETTRule
+from sparsing_utils.search import search_ppl_p
 
 MODELS = {
     # name: (hidden, layers, d_ff, heads, kv heads, vocab)

@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_search as bs  # noqa: E402
+import bench_search as bs
 
-from sparsing_utils.probe import SparsityProbe  # noqa: E402
-from sparsing_utils.search import search_ppl_p  # noqa: E402
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.search import search_ppl_p
 
 
 def main():

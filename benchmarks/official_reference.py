@@ -68,7 +68,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsing_utils.ffn import FFNSite, edit_activations, find_ffn_sites, read_activations
+from sparsing_utils.ffn import (
+    FFNSite,
+    edit_activations,
+    find_ffn_sites,
+    read_activations,
+)
 
 __all__ = [
     "NUM_CANDIDATES",

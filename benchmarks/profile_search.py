@@ -17,11 +17,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_search as bs  # noqa: E402
+import bench_search as bs
 
-from sparsing_utils.probe import SparsityProbe  # noqa: E402
-from sparsing_utils.search import search_ppl_p  # noqa: E402
-from sparsing_utils.rules import CETTRule  # noqa: E402
+from sparsing_utils.probe import SparsityProbe
+from sparsing_utils.rules import CETTRule
+from sparsing_utils.search import search_ppl_p
 
 
 def timed(device, fn):

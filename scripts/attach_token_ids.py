@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsing_utils.jsonio import atomic_write_json  # noqa: E402
+from sparsing_utils.jsonio import atomic_write_json
 
 SAME = ("vocab_size", "train_tokens", "heldout_tokens", "unique_tokens", "builder", "sources")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsing_utils.jsonio import atomic_write_json  # noqa: E402
-from sparsing_utils.shards import open_corpus  # noqa: E402
+from sparsing_utils.jsonio import atomic_write_json
+from sparsing_utils.shards import open_corpus
 
 FORMAT = "sparsing-token-set/1"
 

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparsing_utils.training import H200_BF16_DENSE_FLOPS, TrainConfig, make_plan  # noqa: E402
+from sparsing_utils.training import H200_BF16_DENSE_FLOPS, TrainConfig, make_plan
 
 VOCAB = 8192  # the corpus tokenizer (scripts/build_corpus.py --vocab-size 8192)
 

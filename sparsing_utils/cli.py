@@ -174,9 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_track(args: argparse.Namespace) -> int:
     from .measure import check_search_options
-    from .tracking import track
-
-    from .tracking import check_pareto_targets
+    from .tracking import check_pareto_targets, track
 
     check_search_options(args.p, args.tol)  # before reading the run
     try:

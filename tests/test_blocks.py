@@ -18,7 +18,7 @@ from sparsing_utils.sources import load_text
 
 
 def _prose(n_lines: int = 4000) -> str:
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bumpkins".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "hex", "jovial", "bumpkins"]
     lines = []
     for i in range(n_lines):
         line = " ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 9))

@@ -414,7 +414,7 @@ def test_report_round_trip(tmp_path, searched, probe):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch, searched, probe):
-    import sparsing_utils.jsonio as jsonio
+    from sparsing_utils import jsonio
 
     report = _report(searched, probe)
     real_fsync = os.fsync
