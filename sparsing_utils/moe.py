@@ -44,31 +44,99 @@ from .cett import all_finite
 __all__ = ["EXPERT_KINDS", "ExpertRows", "MoELayer", "find_moe", "moe_layers", "routed_top_k"]
 
 # Where a decoder layer keeps its MoE block, and where the block keeps its parts.
-MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward", "ffn")
 ROUTER_NAMES = ("gate", "router")
 SHARED_NAMES = ("shared_expert", "shared_experts")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
-# A gated expert MLP: (gate, up, down) names; its activation module under one of MLP_ACT_NAMES.
-MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-MLP_ACT_NAMES = ("act_fn", "act")
+# A shared MLP the decoder layer runs next to the MoE block on the block's input, adding its output to the
+# block's (Granite-MoE-shared's ``moe(x) + shared_mlp(x)``): the shared part of the layer's virtual FFN.
+OUTER_SHARED_NAMES = ("shared_mlp",)
+# MoE blocks whose forward returns ``(output, routing weights)`` rather than the output alone (gpt-oss).
+RETURNS_ROUTING = frozenset({"GptOssMLP"})
 
 
-def _gated_mlp(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module] | None:
-    """``(gate, up, down, act)`` of a gated MLP ``down(act(gate x) * up x)``, or None."""
-    act = next((getattr(mlp, n) for n in MLP_ACT_NAMES if isinstance(getattr(mlp, n, None), nn.Module)), None)
-    for names in MLP_NAMES:
-        parts = [getattr(mlp, n, None) for n in names]
-        if act is not None and all(isinstance(p, nn.Linear) for p in parts):
-            return (*parts, act)
-    return None
+# -- gated MLPs (module-list experts, shared experts) ---------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _GatedMLP:
+    """One gated MLP ``y = W_down (act(W_gate x) * (W_up x))`` whatever its module names."""
+
+    down: nn.Linear
+    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [n, d] -> (W_gate x, W_up x)
+    act: nn.Module
+
+    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, act(W_gate x))`` on ``x [n, d]``: ``[n, width]`` each, as the model's own MLP computes them."""
+        pre, up = self.gate_up(x)
+        g = self.act(pre)
+        return g * up, g
 
 
-# -- the two expert layouts ----------------------------------------------------------------------
+def _separate(gate: str, up: str, down: str, act: Sequence[str]):
+    def parts(mlp: nn.Module) -> _GatedMLP | None:
+        mods = [getattr(mlp, n, None) for n in (gate, up, down)]
+        a = next((getattr(mlp, n) for n in act if isinstance(getattr(mlp, n, None), nn.Module)), None)
+        if a is None or not all(isinstance(m, nn.Linear) for m in mods):
+            return None
+        return _GatedMLP(mods[2], lambda x: (mods[0](x), mods[1](x)), a)
+    return parts
+
+
+def _fused_in(gate_up: str, down: str, act: str):
+    def parts(mlp: nn.Module) -> _GatedMLP | None:
+        gu, dn, a = (getattr(mlp, n, None) for n in (gate_up, down, act))
+        if not (isinstance(gu, nn.Linear) and isinstance(dn, nn.Linear) and isinstance(a, nn.Module)
+                and gu.out_features == 2 * dn.in_features):
+            return None
+        return _GatedMLP(dn, lambda x: gu(x).chunk(2, dim=-1), a)
+    return parts
+
+
+# The gated-MLP layouts: (what an error names, reader). Gate and up as two maps (Llama-like, DeepSeek's
+# remote experts, InternLM2's w1/w3/w2), or one map whose output halves are gate and up (Granite-MoE-shared's
+# shared_mlp: input_linear -> chunk(2) -> activation(first) * second -> output_linear).
+MLP_LAYOUTS = (
+    ("gate_proj/up_proj/down_proj with act_fn or act", _separate("gate_proj", "up_proj", "down_proj", ("act_fn", "act"))),
+    ("w1/w3/w2 with act_fn or act", _separate("w1", "w3", "w2", ("act_fn", "act"))),
+    ("input_linear (gate and up halves)/output_linear with activation", _fused_in("input_linear", "output_linear",
+                                                                                  "activation")),
+)
+
+
+def _gated_mlp(mlp: nn.Module) -> _GatedMLP | None:
+    """The parts of a gated MLP in one of :data:`MLP_LAYOUTS`, or None."""
+    return next((p for _, read in MLP_LAYOUTS if (p := read(mlp)) is not None), None)
+
+
+def _mlp_layouts() -> str:
+    return " or ".join(name for name, _ in MLP_LAYOUTS)
+
+
+# -- the expert layouts ----------------------------------------------------------------------------
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """``x W^T (+ b)``, or ``x W (+ b)`` for weights stored transposed, as transformers' eager loops write it."""
+    out = x @ w if transposed else F.linear(x, w)
+    return out if b is None else out + b
+
+
+def _gpt_oss_gate(experts: nn.Module, gate: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gate score ``g sigmoid(alpha g)``, ``g = min(W_gate x + b, limit)`` (``GptOssExperts._apply_gate``
+    without its ``(up + 1)`` factor): what the gate-ranked rules (Top-k, FAT) rank by."""
+    g = gate.clamp(min=None, max=experts.limit)
+    return g * torch.sigmoid(g * experts.alpha)
+
+
+# Fused experts without act_fn: their gate score act(W_gate x), by class name.
+GATE_SCORES = {"GptOssExperts": _gpt_oss_gate}
+
 
 class _Fused:
-    """transformers >= 5 ``@use_experts_implementation`` classes: ``gate_up_proj [E, 2 d_e, d]``
-    (gate rows first), ``down_proj [E, d, d_e]``, ``act_fn`` (and ``_apply_gate``); run by an eager
-    loop or by grouped_mm / batched_mm kernels."""
+    """transformers >= 5 ``@use_experts_implementation`` classes: ``gate_up_proj [E, 2 d_e, d]`` (gate rows
+    first) and ``down_proj [E, d, d_e]``, or stored transposed (``[E, d, 2 d_e]``, ``[E, d_e, d]``), gate and
+    up columns interleaved (``is_concatenated=False``: gate ``0::2``, up ``1::2``), with biases
+    (``gate_up_proj_bias [E, 2 d_e]``, ``down_proj_bias [E, d]``); ``a = _apply_gate(gate_up)`` (default
+    ``act_fn(gate) * up``; gpt-oss's clamped SwiGLU); run by an eager loop or by grouped_mm / batched_mm."""
 
     name = "fused 3-D expert weights"
     router_sees_batch = False  # transformers' blocks route the flattened tokens [tokens, d]
@@ -80,46 +148,73 @@ class _Fused:
     @staticmethod
     def problem(experts: nn.Module) -> str | None:
         gu, down = getattr(experts, "gate_up_proj", None), experts.down_proj
+        t = bool(getattr(experts, "is_transposed", False))
+        want = "gate_up_proj [E, d, 2*d_expert] and down_proj [E, d_expert, d]" if t else \
+            "gate_up_proj [E, 2*d_expert, d] and down_proj [E, d, d_expert]"
         if not isinstance(gu, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
-            return "expected gate_up_proj [E, 2*d_expert, d] and down_proj [E, d, d_expert] (3-D)"
-        flags = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
-                 "has_post_expert_norm": False}
-        odd = [f"{k}={getattr(experts, k)}" for k, want in flags.items() if getattr(experts, k, want) != want]
+            return f"expected {want} (3-D)"
+        flags = {"has_gate": True, "has_post_expert_norm": False}
+        odd = [f"{k}={getattr(experts, k)}" for k, want_k in flags.items() if getattr(experts, k, want_k) != want_k]
         if odd:
-            return "unsupported fused-expert layout " + ", ".join(odd)
-        if gu.shape[1] != 2 * down.shape[2] or gu.shape[0] != down.shape[0]:
-            return f"gate_up_proj {tuple(gu.shape)} does not match down_proj {tuple(down.shape)}"
-        if not hasattr(experts, "act_fn"):
-            return "no act_fn"
+            return "unsupported fused-expert layout " + ", ".join(odd) + " (non-gated experts, a norm after each expert)"
+        e, d, de = _Fused._shape(experts)
+        if gu.shape != ((e, d, 2 * de) if t else (e, 2 * de, d)):
+            return f"gate_up_proj {tuple(gu.shape)} does not match down_proj {tuple(down.shape)}: expected {want}"
+        if getattr(experts, "has_bias", False):
+            bad = [n for n, shape in (("gate_up_proj_bias", (e, 2 * de)), ("down_proj_bias", (e, d)))
+                   if not isinstance(getattr(experts, n, None), torch.Tensor) or getattr(experts, n).shape != shape]
+            if bad:
+                return f"has_bias=True but no {bad[0]} of shape " + str((e, 2 * de) if bad[0] == "gate_up_proj_bias" else (e, d))
+        if not hasattr(experts, "act_fn") and type(experts).__name__ not in GATE_SCORES:
+            return "no act_fn (and no gate score for it in moe.GATE_SCORES)"
         return None
 
     @staticmethod
+    def _shape(experts: nn.Module) -> tuple[int, int, int]:  # (E, d_model, d_expert)
+        e, p, q = experts.down_proj.shape
+        return (e, q, p) if getattr(experts, "is_transposed", False) else (e, p, q)
+
+    @staticmethod
     def sizes(experts: nn.Module) -> tuple[int, int, int]:  # (E, d_expert, d_model)
-        e, d, de = experts.down_proj.shape
+        e, d, de = _Fused._shape(experts)
         return e, de, d
+
+    @staticmethod
+    def _bias(experts: nn.Module, name: str, e: int) -> torch.Tensor | None:
+        return getattr(experts, name)[e] if getattr(experts, "has_bias", False) else None
 
     @staticmethod
     def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, act(W_gate x))`` of expert ``e`` on its tokens ``x [n, d]``: ``[n, d_e]`` each."""
-        gate_up = F.linear(x, experts.gate_up_proj[e])  # [n, 2 d_e]
-        gate = gate_up.chunk(2, dim=-1)[0]
+        t = bool(getattr(experts, "is_transposed", False))
+        gate_up = _linear(x, experts.gate_up_proj[e], _Fused._bias(experts, "gate_up_proj_bias", e), t)  # [n, 2 d_e]
+        interleaved = not getattr(experts, "is_concatenated", True)
+        gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
+        score = GATE_SCORES.get(type(experts).__name__)
+        g = score(experts, gate) if score is not None else experts.act_fn(gate)
         apply = getattr(experts, "_apply_gate", None)
-        a = apply(gate_up) if apply is not None else experts.act_fn(gate) * gate_up.chunk(2, dim=-1)[1]
-        return a, experts.act_fn(gate)
+        return (apply(gate_up) if apply is not None else experts.act_fn(gate) * up), g
 
     @staticmethod
-    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:  # [n, d_e] -> [n, d]
-        return F.linear(a, experts.down_proj[e])
+    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:  # [n, d_e] -> [n, d], bias included
+        return _linear(a, experts.down_proj[e], _Fused._bias(experts, "down_proj_bias", e),
+                       bool(getattr(experts, "is_transposed", False)))
+
+    @staticmethod
+    def down_bias(experts: nn.Module) -> torch.Tensor | None:  # [E, d]
+        return experts.down_proj_bias if getattr(experts, "has_bias", False) else None
 
     @staticmethod
     def down_t(experts: nn.Module) -> torch.Tensor:  # [E * d_e, d]
-        e, d, de = experts.down_proj.shape
+        e, d, de = _Fused._shape(experts)
+        if getattr(experts, "is_transposed", False):
+            return experts.down_proj.reshape(e * de, d)
         return experts.down_proj.transpose(1, 2).reshape(e * de, d)
 
 
 class _ModuleList:
-    """An ``nn.ModuleList`` of gated expert MLPs (``gate_proj/up_proj/down_proj`` or ``w1/w3/w2``
-    and ``act_fn``): DeepSeek-V2/V3's remote code (``modeling_deepseek.py``), transformers 4.x."""
+    """An ``nn.ModuleList`` of gated expert MLPs (:data:`MLP_LAYOUTS`): DeepSeek-V2/V3's remote code
+    (``modeling_deepseek.py``), transformers 4.x."""
 
     name = "module list of expert MLPs"
     router_sees_batch = True  # DeepSeek's remote MoEGate unpacks [batch, seq, d]
@@ -134,33 +229,92 @@ class _ModuleList:
             return "empty expert list"
         bad = [i for i, mlp in enumerate(experts) if _gated_mlp(mlp) is None]
         if bad:
-            return (f"expert {bad[0]} is not a gated MLP: searched (gate, up, down) = "
-                    + " or ".join("/".join(n) for n in MLP_NAMES) + " with " + " or ".join(MLP_ACT_NAMES))
-        if len({_gated_mlp(m)[2].weight.shape for m in experts}) != 1:
+            return f"expert {bad[0]} is not a gated MLP: searched " + _mlp_layouts()
+        if len({_gated_mlp(m).down.weight.shape for m in experts}) != 1:
             return "experts of different widths"
+        if len({_gated_mlp(m).down.bias is None for m in experts}) != 1:
+            return "some experts' output projections have a bias, some not"
         return None
 
     @staticmethod
     def sizes(experts: nn.Module) -> tuple[int, int, int]:
-        d, de = _gated_mlp(experts[0])[2].weight.shape
+        d, de = _gated_mlp(experts[0]).down.weight.shape
         return len(experts), de, d
 
     @staticmethod
     def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up, _, act = _gated_mlp(experts[e])
-        g = act(gate(x))
-        return g * up(x), g
+        return _gated_mlp(experts[e]).activations(x)
 
     @staticmethod
     def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
-        return _gated_mlp(experts[e])[2](a)
+        return _gated_mlp(experts[e]).down(a)
+
+    @staticmethod
+    def down_bias(experts: nn.Module) -> torch.Tensor | None:  # [E, d]
+        biases = [_gated_mlp(m).down.bias for m in experts]
+        return None if biases[0] is None else torch.stack(biases)
 
     @staticmethod
     def down_t(experts: nn.Module) -> torch.Tensor:
-        return torch.cat([_gated_mlp(m)[2].weight.t() for m in experts])
+        return torch.cat([_gated_mlp(m).down.weight.t() for m in experts])
 
 
-EXPERT_KINDS = (_Fused, _ModuleList)
+class _FlatGLU:
+    """DBRX's ``DbrxExperts``: the experts' weights stacked in 2-D parameters of ``experts.mlp``, ``w1`` (gate)
+    and ``v1`` (up) ``[E d_e, d]`` and ``w2 [E d_e, d]`` (the output projection, stored transposed), with
+    ``activation_fn``; ``a = act(x w1_e^T) * (x v1_e^T)``, output ``a w2_e`` (``DbrxExpertGLU.forward``)."""
+
+    name = "stacked 2-D expert weights (DBRX)"
+    router_sees_batch = False
+
+    @staticmethod
+    def matches(experts: nn.Module) -> bool:
+        return isinstance(getattr(getattr(experts, "mlp", None), "w2", None), torch.Tensor)
+
+    @staticmethod
+    def problem(experts: nn.Module) -> str | None:
+        mlp = experts.mlp
+        parts = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+        if not all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in parts) or len({p.shape for p in parts}) != 1:
+            return "expected experts.mlp.w1, v1, w2 of one shape [E*d_expert, d]"
+        e = getattr(experts, "num_experts", None)
+        if not isinstance(e, int) or e < 1 or parts[0].shape[0] % e:
+            return f"experts.num_experts={e!r} does not divide the {parts[0].shape[0]} rows of experts.mlp.w1"
+        if not isinstance(getattr(mlp, "activation_fn", None), nn.Module):
+            return "no experts.mlp.activation_fn"
+        return None
+
+    @staticmethod
+    def sizes(experts: nn.Module) -> tuple[int, int, int]:
+        rows, d = experts.mlp.w1.shape
+        return experts.num_experts, rows // experts.num_experts, d
+
+    @staticmethod
+    def _w(experts: nn.Module, name: str, e: int) -> torch.Tensor:  # [d_e, d]
+        _, de, d = _FlatGLU.sizes(experts)
+        return getattr(experts.mlp, name).view(-1, de, d)[e]
+
+    @staticmethod
+    def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = x.matmul(_FlatGLU._w(experts, "w1", e).T)
+        up = x.matmul(_FlatGLU._w(experts, "v1", e).T)
+        g = experts.mlp.activation_fn(gate)
+        return g * up, g
+
+    @staticmethod
+    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
+        return a.matmul(_FlatGLU._w(experts, "w2", e))
+
+    @staticmethod
+    def down_bias(experts: nn.Module) -> None:
+        return None
+
+    @staticmethod
+    def down_t(experts: nn.Module) -> torch.Tensor:  # [E * d_e, d]: w2 as stored
+        return experts.mlp.w2
+
+
+EXPERT_KINDS = (_Fused, _ModuleList, _FlatGLU)
 
 
 # -- the virtual activation vector without its zeros ------------------------------------------------
@@ -319,9 +473,14 @@ def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ``(logits, weights, index)``, DeepSeek's remote ``MoEGate`` ``(index, weights[, aux])``.
     Routers called on ``[batch, seq, d]`` (the remote ``MoEGate``) may answer ``[batch, seq, k]``."""
     parts = out if isinstance(out, tuple) else (out,)
-    index = next((t for t in parts if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()), None)
-    weights = None if index is None else next(
-        (t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == index.shape), None)
+    at = next((i for i, t in enumerate(parts)
+               if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()), None)
+    # The weights: the [tokens, k] float tensor nearest the index (before it, then after it), so that logits
+    # [tokens, E] are never taken for them when k = E.
+    near = [] if at is None else [*parts[at - 1::-1][:at], *parts[at + 1:]]
+    weights = None if at is None else next(
+        (t for t in near if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == parts[at].shape), None)
+    index = None if at is None else parts[at]
     if weights is None:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
         raise ValueError(f"the router {router_name} returned {shapes}: expected the chosen experts' indices and "
@@ -345,7 +504,9 @@ class _Visits:
     edits: list = field(default_factory=list)  # (edit, need_gate, compact)
     reads: list = field(default_factory=list)  # (read, compact)
     saved_forward: object = None
+    saved_outer_forward: object = None  # of the decoder layer's shared MLP (Granite-MoE-shared), if any
     ran: torch.Tensor | None = None  # [batch, seq, E] bool: the experts that ran on each token, last forward
+    outer: tuple | None = None  # (block input, shared MLP output) for the layer's call of its outer shared MLP
 
 
 _VISITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MoE block -> _Visits, while visited
@@ -361,12 +522,16 @@ class MoELayer:
     router: nn.Module
     experts: nn.Module
     kind: type
-    shared: tuple | None  # (gate, up, down, act) of the shared expert(s), or None
+    shared: _GatedMLP | None  # the shared expert(s), or None
     shared_gate: nn.Module | None  # Qwen2-MoE: sigmoid(shared_expert_gate x) scales the shared expert
     num_experts: int
     d_expert: int
     d_shared: int
     d_model: int
+    # The shared MLP when the decoder layer runs it next to the block (Granite-MoE-shared's shared_mlp), else None.
+    shared_outside: nn.Module | None = None
+    # The block's own step from router logits to (weights, index) when its router returns logits only (DBRX).
+    routing: Callable | None = None
 
     @property
     def ran(self) -> torch.Tensor | None:
@@ -382,7 +547,7 @@ class MoELayer:
         """The concatenated output projections transposed, ``[d_ff, d_model]``: ``y = v @ weight_t()``."""
         parts = [self.kind.down_t(self.experts)]
         if self.shared is not None:
-            parts.append(self.shared[2].weight.t().to(parts[0]))
+            parts.append(self.shared.down.weight.t().to(parts[0]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def ran_neurons(self) -> torch.Tensor:
@@ -397,8 +562,13 @@ class MoELayer:
         return mask
 
     @property
+    def top_k_owner(self) -> nn.Module:
+        """Where the number of routed experts is set: the router, or the block (DBRX's ``DbrxFFN.top_k``)."""
+        return self.router if hasattr(self.router, "top_k") or not hasattr(self.block, "top_k") else self.block
+
+    @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        return int(self.top_k_owner.top_k)
 
     # -- the replacement forward --------------------------------------------------------------
     @contextlib.contextmanager
@@ -413,6 +583,9 @@ class MoELayer:
         if first:
             visits = _VISITS[self.block] = _Visits(saved_forward=self.block.__dict__.get("forward"))
             self.block.forward = self.forward
+            if self.shared_outside is not None:
+                visits.saved_outer_forward = self.shared_outside.__dict__.get("forward")
+                self.shared_outside.forward = self._outer_forward
         edit_entry, read_entry = (edit, need_gate, compact), (read, compact)
         if edit is not None:
             visits.edits.append(edit_entry)
@@ -427,10 +600,25 @@ class MoELayer:
                 visits.reads.remove(read_entry)
             if first:
                 del _VISITS[self.block]
-                if visits.saved_forward is None:
-                    del self.block.forward
-                else:
-                    self.block.forward = visits.saved_forward
+                for module, saved in ((self.block, visits.saved_forward),
+                                      (self.shared_outside, visits.saved_outer_forward)):
+                    if module is None:
+                        continue
+                    if saved is None:
+                        del module.forward
+                    else:
+                        module.forward = saved
+
+    def _outer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The decoder layer's call of its shared MLP (Granite-MoE-shared): the output :meth:`forward` computed,
+        and masked, as the shared part of ``v`` on the same input."""
+        visits = _VISITS[self.block]
+        done, visits.outer = visits.outer, None
+        if done is None or done[0] is not hidden_states:
+            raise RuntimeError(f"the shared MLP next to {self.name} was called on another input than the MoE block's "
+                               "(or before it): it is measured as the shared part of the block's virtual FFN, which "
+                               "needs both on the same hidden states")
+        return done[1]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The block's output on ``hidden_states [batch, seq, d]``, with ``v`` shown to the visitors.
@@ -439,11 +627,14 @@ class MoELayer:
         :class:`ExpertRows` and an edit reaches each expert's ``a`` there. Full-width visitors get
         ``v`` with zeros for the experts that did not run; what they write there is ignored (those
         experts are not computed)."""
-        if self.block.training and any(getattr(self.block, n, 0) for n in ("jitter_noise", "input_jitter_noise")):
+        if self.block.training and any(getattr(m, n, 0) for m in (self.block, self.router)
+                                       for n in ("jitter_noise", "input_jitter_noise", "moe_jitter_eps")):
             raise ValueError(f"{self.name} is in training mode with router jitter: call model.eval() first")
         lead = tuple(hidden_states.shape[:-1])
         h = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
         routed = self.router(hidden_states if self.kind.router_sees_batch else h)  # as the block's own forward
+        if self.routing is not None:  # DBRX: the router's logits -> (weights, index) by the block's own rule
+            routed = self.routing(routed)
         weights, index = _route(routed, self.name)  # [T, k], the model's own routing
         want = _ROUTED_K.get(self.block)
         if want is not None and index.shape[-1] != want:
@@ -478,9 +669,7 @@ class MoELayer:
         visits.ran = ran[:, :e_all].reshape(*lead, e_all)  # [batch, seq, E]
         v_s = g_s = sg = None
         if self.shared is not None:
-            s_gate, s_up, s_down, s_act = self.shared
-            g_s = s_act(s_gate(h))
-            a_s = g_s * s_up(h)  # [T, d_s]
+            a_s, g_s = self.shared.activations(h)  # [T, d_s]
             sg = F.sigmoid(self.shared_gate(h)) if self.shared_gate is not None else None  # [T, 1]
             v_s = a_s * sg if sg is not None else a_s
         v = ExpertRows(n, de, rows, values, v_s, lead)
@@ -513,8 +702,10 @@ class MoELayer:
                 a = torch.where(new == old, a, torch.where(w != 0, new / w, 0).to(a.dtype))
             elif keep is not None:  # a mask only: the neurons kept keep their a
                 a = a * keep.values[e]
-            out_e = self.kind.down(self.experts, e, a) * w
+            out_e = self.kind.down(self.experts, e, a) * w  # (W_down_e a + b_e) w_e with an output bias (gpt-oss)
             y.index_add_(0, tok, out_e.to(y.dtype))
+        y = y.view(*lead, -1)
+        total = y  # the layer's FFN output: the block's, plus a shared MLP the decoder layer runs next to it
         if self.shared is not None:
             if changed:
                 old, new = v.shared, final.shared
@@ -522,14 +713,33 @@ class MoELayer:
                                   .to(a_s.dtype))
             elif keep is not None:
                 a_s = a_s * keep.shared
-            shared_out = s_down(a_s)
-            y = y + (sg * shared_out if sg is not None else shared_out)
-        y = y.view(*lead, -1)
+            shared_out = self.shared.down(a_s)
+            shared_out = (sg * shared_out if sg is not None else shared_out).view(*lead, -1)
+            if self.shared_outside is None:
+                y = total = y + shared_out
+            else:  # handed to the decoder layer's own call of the shared MLP, which adds it to y
+                visits.outer = (hidden_states, shared_out)
+                total = y + shared_out
         if visits.reads:
             final = current()
+            total = total - self._bias_output(runs, sg, h).view(*lead, -1)  # W_cat v, as for dense FFNs
             for read, compact in visits.reads:
-                read(final if compact else final.full(), y)
-        return y
+                read(final if compact else final.full(), total)
+        return (y, weights) if type(self.block).__name__ in RETURNS_ROUTING else y
+
+    def _bias_output(self, runs: list, sg: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """``sum_e w_e b_e (+ g b_s)`` on each token ``[T, d]``: the output projections' biases as they reach the
+        layer's output. Like a dense FFN's down bias (``ffn.read_activations`` subtracts it), a constant that is
+        no neuron's output: left out of the output ``y`` whose norm is CETT's denominator (Eq. 2), kept in the model."""
+        out = torch.zeros_like(h)  # [T, d]
+        bias = self.kind.down_bias(self.experts)  # [E, d] or None
+        if bias is not None:
+            for e, tok, w, _ in runs:
+                out.index_add_(0, tok, (bias[e] * w).to(out.dtype))
+        s_bias = self.shared.down.bias if self.shared is not None else None
+        if s_bias is not None:
+            out = out + (sg * s_bias if sg is not None else s_bias)
+        return out
 
 
 def _first_child(block: nn.Module, names: Sequence[str]) -> nn.Module | None:
@@ -553,21 +763,28 @@ def find_moe(layer: nn.Module, prefix: str) -> MoELayer | None:
     kind = next((k for k in EXPERT_KINDS if k.matches(experts)), None)
     if kind is None:
         raise ValueError(f"{where}: its experts ({type(experts).__name__}) are neither " + " nor ".join(
-            k.name for k in EXPERT_KINDS) + " (searched experts.down_proj as a 3-D tensor, and an nn.ModuleList)")
+            k.name for k in EXPERT_KINDS) + " (searched experts.down_proj as a 3-D tensor, an nn.ModuleList, and "
+            "experts.mlp.w2 as a 2-D tensor)")
     problem = kind.problem(experts)
     if problem:
         raise ValueError(f"{where}, {kind.name}: {problem}")
     router = _first_child(block, ROUTER_NAMES)
     if router is None:
         raise ValueError(f"{where} has experts but no router: searched " + ", ".join(ROUTER_NAMES))
-    shared_mlp = _first_child(block, SHARED_NAMES)
+    shared_mlp, outside = _first_child(block, SHARED_NAMES), _first_child(layer, OUTER_SHARED_NAMES)
+    if shared_mlp is not None and outside is not None:
+        raise ValueError(f"{where} has a shared expert and the decoder layer another shared MLP "
+                         f"({type(outside).__name__}): one shared part per layer is supported")
+    shared_mlp = shared_mlp if shared_mlp is not None else outside
     shared = _gated_mlp(shared_mlp) if shared_mlp is not None else None
     if shared_mlp is not None and shared is None:
         raise ValueError(f"{where}: the shared expert {type(shared_mlp).__name__} is not a gated MLP (searched "
-                         + " or ".join("/".join(n) for n in MLP_NAMES) + " with " + " or ".join(MLP_ACT_NAMES) + ")")
+                         + _mlp_layouts() + ")")
+    routing = getattr(block, "route_tokens_to_experts", None)
     e, de, d = kind.sizes(experts)
     return MoELayer(qual, block, router, experts, kind, shared, _first_child(block, SHARED_GATE_NAMES),
-                    e, de, 0 if shared is None else shared[2].in_features, d)
+                    e, de, 0 if shared is None else shared.down.in_features, d,
+                    shared_outside=outside, routing=routing if callable(routing) else None)
 
 
 def moe_layers(sites: Sequence) -> list[MoELayer]:
@@ -587,19 +804,20 @@ def routed_top_k(model: nn.Module, k: int, *, sites: Sequence | None = None) -> 
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"the number of routed experts must be an integer, got {k!r}")
     for m in layers:
-        if not hasattr(m.router, "top_k"):
+        if not hasattr(m.top_k_owner, "top_k"):
             raise ValueError(f"the router of {m.name} ({type(m.router).__name__}) has no top_k attribute to set")
         groups, chosen = getattr(m.router, "n_group", getattr(m.router, "num_group", None)), getattr(m.router, "topk_group", None)
         most = m.num_experts if not (groups and chosen) else chosen * (m.num_experts // groups)
         if not 1 <= k <= most:
             raise ValueError(f"routed experts k={k} out of range for {m.name}: 1..{most}"
                              + (f" (its router picks from {chosen} of {groups} expert groups)" if most < m.num_experts else ""))
-    saved = [(m, m.router.top_k, getattr(m.block, "top_k", None), getattr(m.block, "num_experts_per_tok", None))
-             for m in layers]
+    saved = [(m, getattr(m.router, "top_k", None), getattr(m.block, "top_k", None),
+              getattr(m.block, "num_experts_per_tok", None)) for m in layers]
     try:
         for m in layers:
             _ROUTED_K[m.block] = k  # checked by MoELayer.forward: routers that ignore top_k are refused
-            m.router.top_k = k
+            if hasattr(m.router, "top_k"):
+                m.router.top_k = k
             for attr in ("top_k", "num_experts_per_tok"):
                 if isinstance(getattr(m.block, attr, None), int):
                     setattr(m.block, attr, k)
@@ -607,7 +825,8 @@ def routed_top_k(model: nn.Module, k: int, *, sites: Sequence | None = None) -> 
     finally:
         for m, router_k, block_k, block_n in saved:
             _ROUTED_K.pop(m.block, None)
-            m.router.top_k = router_k
+            if router_k is not None:
+                m.router.top_k = router_k
             if block_k is not None:
                 m.block.top_k = block_k
             if block_n is not None:
