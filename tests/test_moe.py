@@ -2,10 +2,12 @@
 
 Tiny random models of each MoE family transformers ships (Mixtral, Qwen2-MoE with its gated
 shared expert, Qwen3-MoE, OLMoE, DeepSeek-V2 and DeepSeek-V3 with shared experts and dense
-first layers), odd sizes, plus the module-list layout of DeepSeek's remote code (hand-built
-here, as the official ``modeling_deepseek.py`` lays it out). Everything the package reports is
-re-derived in float64 from the weights: routing recomputed from the router weights with each
-family's rule written out below, per-expert ``a``, neuron outputs with routing weights
+first layers, gpt-oss with its biased, transposed, interleaved experts and clamped SwiGLU,
+Granite-MoE-shared with its shared MLP outside the MoE block, DBRX with its stacked 2-D expert
+weights), odd sizes, plus the module-list layout of DeepSeek's remote code (hand-built here, as
+the official ``modeling_deepseek.py`` lays it out). Everything the package reports is re-derived
+in float64 from the weights: routing recomputed from the router weights with each family's rule
+written out below, per-expert ``a``, neuron outputs with routing weights
 ``n_i = w_e a_i W_down_e[:, i]``, CETT per token, the masked MoE output, both activation ratios.
 """
 from __future__ import annotations
@@ -53,7 +55,21 @@ FAMILIES = {
                     {"intermediate_size": 19, "moe_intermediate_size": 11, "n_routed_experts": 8,
                      "num_experts_per_tok": 3, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
                      "first_k_dense_replace": 1, "routed_scaling_factor": 1.7, **MLA}),
+    # a small swiglu_limit, so that the clamps of gpt-oss's SwiGLU act on these random weights
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                {"intermediate_size": 11, "num_local_experts": 5, "num_experts_per_tok": 2, "head_dim": 6,
+                 "swiglu_limit": 0.35, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         {"intermediate_size": 13, "shared_intermediate_size": 17, "num_local_experts": 5,
+                          "num_experts_per_tok": 2}),
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM",
+             {"d_model": D, "n_heads": 4, "n_layers": 3, "max_seq_len": 64, "vocab_size": VOCAB,
+              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+              "ffn_config": {"ffn_hidden_size": 13, "moe_num_experts": 5, "moe_top_k": 2,
+                             "moe_normalize_expert_weights": 1.5}}),
 }
+OWN_CONFIG = {"dbrx"}  # config arguments under other names than COMMON's
 ALL_LAYOUTS = (*FAMILIES, "remote_deepseek")  # + the module-list layout
 
 
@@ -65,14 +81,17 @@ def build(family: str, *, experts_implementation: str = "eager", seed: int = 0) 
     if family == "remote_deepseek":
         return to_remote_layout(build("deepseek_v2", seed=seed))
     cfg_name, cls_name, extra = FAMILIES[family]
-    config = getattr(tf, cfg_name)(**{**COMMON, **extra})
+    config = getattr(tf, cfg_name)(**(extra if family in OWN_CONFIG else {**COMMON, **extra}))
     config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
     model = getattr(tf, cls_name)(config).float().eval()
-    for layer in model.model.layers:  # DeepSeek-V3: a nonzero score-correction bias, so that it is exercised
-        bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
-        if bias is not None:
-            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    g = torch.Generator().manual_seed(seed)
+    for block in moe_blocks(model).values():  # nonzero biases (initialised to 0), so that they are exercised
+        router, ex = router_of(block), block.experts
+        for bias in (getattr(router, "e_score_correction_bias", None),  # DeepSeek-V3's score correction
+                     *((router.bias, ex.gate_up_proj_bias, ex.down_proj_bias) if family == "gpt_oss" else ())):
+            if bias is not None:
+                bias.data.copy_(torch.randn(bias.shape, generator=g) * 0.1)
     return model
 
 
@@ -159,11 +178,20 @@ def _softmax_topk(logits, k, renorm):
 @torch.no_grad()
 def route(family: str, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each family's routing rule, from the router weights: ``(weights [T, k], experts [T, k])``."""
-    r = block.gate
+    r = router_of(block)
+    if family == "dbrx":  # softmax over all experts, top-k, divided by the p-norm of the k weights
+        p = (x @ r.layer.weight.double().T).softmax(dim=-1)
+        w, idx = p.topk(block.top_k, dim=-1)
+        return w / w.norm(p=block.moe_normalize_expert_weights, dim=-1, keepdim=True), idx
     logits = x @ r.weight.double().T  # [T, E]
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         renorm = family == "mixtral" or r.norm_topk_prob
         return _softmax_topk(logits, r.top_k, renorm)
+    if family in ("gpt_oss", "granitemoeshared"):  # top-k logits (gpt-oss: with a bias), softmax over those k
+        if family == "gpt_oss":
+            logits = logits + r.bias.double()
+        top, idx = logits.topk(r.top_k, dim=-1)
+        return top.softmax(dim=-1), idx
     if family in ("deepseek_v2", "remote_deepseek"):
         w, idx = _softmax_topk(logits, r.top_k, False)
         return w * r.routed_scaling_factor, idx
@@ -180,46 +208,98 @@ def route(family: str, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     raise KeyError(family)
 
 
-@torch.no_grad()
-def expert_weights(block: nn.Module):
-    """Per expert ``(W_gate [d_e, d], W_up [d_e, d], W_down [d, d_e])`` float64, either layout."""
-    ex = block.experts
-    if isinstance(ex, nn.ModuleList):
-        return [(m.gate_proj.weight.double(), m.up_proj.weight.double(), m.down_proj.weight.double()) for m in ex]
-    de = ex.down_proj.shape[2]
-    return [(ex.gate_up_proj[e, :de].double(), ex.gate_up_proj[e, de:].double(), ex.down_proj[e].double())
-            for e in range(ex.down_proj.shape[0])]
-
-
 def _silu(t):
     return t / (1 + torch.exp(-t))
 
 
+def _swiglu(wg, wu):
+    """Llama-style expert ``x -> (silu(x W_gate^T) * (x W_up^T), silu(x W_gate^T))``."""
+    return lambda x: (_silu(x @ wg.T) * (x @ wu.T), _silu(x @ wg.T))
+
+
+def _gpt_oss(ex, e):
+    """gpt-oss's expert: interleaved gate (even) and up (odd) columns of ``x W_gu + b``, both clamped at
+    ``limit`` (the gate from above only), ``a = (up + 1) * gate * sigmoid(alpha gate)``; gate score
+    ``gate * sigmoid(alpha gate)``."""
+    w, b, lim, alpha = ex.gate_up_proj[e].double(), ex.gate_up_proj_bias[e].double(), ex.limit, ex.alpha
+
+    def run(x):
+        gate = (x @ w[:, 0::2] + b[0::2]).clamp(max=lim)
+        up = (x @ w[:, 1::2] + b[1::2]).clamp(min=-lim, max=lim)
+        glu = gate * torch.sigmoid(alpha * gate)
+        return (up + 1) * glu, glu
+    return run
+
+
 @torch.no_grad()
-def brute_force(family: str, block: nn.Module, x: torch.Tensor):
-    """From the block input ``x [T, d]``: ``(v [T, D], W [d, D], ran [T, E] bool)`` in float64, where
-    ``v_i = w_e(token) a_i`` for the chosen experts (0 elsewhere), ``g a_i`` for the shared expert."""
+def expert_parts(block: nn.Module):
+    """Per expert ``(x -> (a, gate score) [T, d_e], W_down [d, d_e], output bias [d] or None)`` in float64,
+    each layout written out from its weights."""
+    ex = block.experts
+    if isinstance(ex, nn.ModuleList):
+        return [(_swiglu(m.gate_proj.weight.double(), m.up_proj.weight.double()), m.down_proj.weight.double(), None)
+                for m in ex]
+    if hasattr(ex, "mlp"):  # DBRX: w1 (gate), v1 (up), w2 (down, transposed), each [E * d_e, d]
+        w1, v1, w2 = (getattr(ex.mlp, n).double().view(ex.num_experts, -1, D) for n in ("w1", "v1", "w2"))
+        return [(_swiglu(w1[e], v1[e]), w2[e].T, None) for e in range(ex.num_experts)]
+    if getattr(ex, "is_transposed", False):  # gpt-oss: [E, d, 2 d_e] and [E, d_e, d], biases
+        return [(_gpt_oss(ex, e), ex.down_proj[e].double().T, ex.down_proj_bias[e].double())
+                for e in range(ex.down_proj.shape[0])]
+    de = ex.down_proj.shape[2]
+    return [(_swiglu(ex.gate_up_proj[e, :de].double(), ex.gate_up_proj[e, de:].double()), ex.down_proj[e].double(),
+             None) for e in range(ex.down_proj.shape[0])]
+
+
+def _shared_a(shared: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(shared, "input_linear"):  # Granite-MoE-shared: gate and up halves of one map
+        gate, up = (x @ shared.input_linear.weight.double().T).chunk(2, dim=-1)
+        return _silu(gate) * up
+    return _silu(x @ shared.gate_proj.weight.double().T) * (x @ shared.up_proj.weight.double().T)
+
+
+@torch.no_grad()
+def brute_force(family: str, model: nn.Module, i: int, x: torch.Tensor):
+    """From MoE layer ``i``'s input ``x [T, d]``: ``(v [T, D], W [d, D], ran [T, E] bool, bias [T, d])`` in
+    float64, where ``v_i = w_e(token) a_i`` for the chosen experts (0 elsewhere), ``g a_i`` for the shared
+    expert (in the block, or the decoder layer's shared_mlp), and ``bias = sum_e w_e b_e`` (gpt-oss's expert
+    output biases; zeros elsewhere): the layer's FFN output is ``v W^T + bias``."""
+    block, layer = moe_blocks(model)[i], layers_of(model)[i]
     x = x.double()
     weights, idx = route(family, block, x)
-    experts = expert_weights(block)
+    experts = expert_parts(block)
     cols, parts = [], []
     ran = torch.zeros(len(x), len(experts), dtype=torch.bool).scatter_(1, idx, True)
     w_full = torch.zeros(len(x), len(experts), dtype=torch.float64).scatter_(1, idx, weights)
-    for e, (wg, wu, wd) in enumerate(experts):
-        a = _silu(x @ wg.T) * (x @ wu.T)
-        parts.append(a * w_full[:, e:e + 1])  # zero where the expert did not run
+    bias = torch.zeros(len(x), x.shape[1], dtype=torch.float64)
+    for e, (run, wd, b) in enumerate(experts):
+        parts.append(run(x)[0] * w_full[:, e:e + 1])  # zero where the expert did not run
         cols.append(wd)
-    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+        if b is not None:
+            bias += w_full[:, e:e + 1] * b
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None) or \
+        getattr(layer, "shared_mlp", None)
     if shared is not None:
-        a = _silu(x @ shared.gate_proj.weight.double().T) * (x @ shared.up_proj.weight.double().T)
         sg = getattr(block, "shared_expert_gate", None)
-        parts.append(a * ((x @ sg.weight.double().T).sigmoid() if sg is not None else 1.0))
-        cols.append(shared.down_proj.weight.double())
-    return torch.cat(parts, dim=1), torch.cat(cols, dim=1), ran
+        parts.append(_shared_a(shared, x) * ((x @ sg.weight.double().T).sigmoid() if sg is not None else 1.0))
+        cols.append((shared.down_proj if hasattr(shared, "down_proj") else shared.output_linear).weight.double())
+    return torch.cat(parts, dim=1), torch.cat(cols, dim=1), ran, bias
+
+
+def layers_of(model):
+    return model.transformer.blocks if hasattr(model, "transformer") else model.model.layers
+
+
+def block_of(layer):
+    return next((getattr(layer, n) for n in ("mlp", "block_sparse_moe", "ffn")
+                 if hasattr(getattr(layer, n, None), "experts")), None)
+
+
+def router_of(block):
+    return block.gate if hasattr(block, "gate") else block.router
 
 
 def moe_blocks(model):
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    return {i: block_of(layer) for i, layer in enumerate(layers_of(model)) if block_of(layer) is not None}
 
 
 def capture_inputs(model):
@@ -228,6 +308,26 @@ def capture_inputs(model):
     for i, block in moe_blocks(model).items():
         handles.append(block.register_forward_pre_hook(
             lambda m, args, _i=i: store.__setitem__(_i, args[0].detach().reshape(-1, D))))
+    return store, handles
+
+
+def capture_outputs(model):
+    """The test's own forward hooks: ``{layer: [T, d]}`` the layer's FFN output of the last forward (the
+    MoE block's, plus the decoder layer's shared_mlp where there is one)."""
+    store, handles = {}, []
+
+    def put(i, o):
+        o = (o[0] if isinstance(o, tuple) else o).detach().reshape(-1, D)  # gpt-oss: (output, router scores)
+        store[i] = store.get(i, 0) + o
+
+    def clear(i):
+        store.pop(i, None)
+    for i, block in moe_blocks(model).items():
+        handles.append(block.register_forward_pre_hook(lambda m, a, _i=i: clear(_i)))
+        handles.append(block.register_forward_hook(lambda m, a, o, _i=i: put(_i, o)))
+        outer = getattr(layers_of(model)[i], "shared_mlp", None)
+        if outer is not None:
+            handles.append(outer.register_forward_hook(lambda m, a, o, _i=i: put(_i, o)))
     return store, handles
 
 
@@ -262,11 +362,12 @@ def test_sites_and_virtual_activations_equal_brute_force(family):
             h.remove()
     for i, block in blocks.items():
         site = sites[i]
-        v_ref, w_ref, ran = brute_force(family, block, store[i])
+        v_ref, w_ref, ran, _ = brute_force(family, model, i, store[i])
         assert site.d_ff == v_ref.shape[1] and site.module is block and site.moe.ran is None  # cleared on exit
         a, y = seen[i]
         assert a.shape == (3, 13, site.d_ff) and y.shape == (3, 13, D)
         torch.testing.assert_close(a.reshape(-1, site.d_ff).double(), v_ref, atol=1e-5, rtol=1e-4)
+        # y: the neurons' outputs only (gpt-oss's expert output biases left out, as a dense FFN's down bias)
         torch.testing.assert_close(y.reshape(-1, D).double(), v_ref @ w_ref.T, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(site.weight_t().double(), w_ref.T)
         torch.testing.assert_close(site.column_norms().double(), w_ref.norm(dim=0), atol=1e-6, rtol=1e-5)
@@ -294,16 +395,18 @@ def test_unmasked_logits_equal_the_unhooked_model(family):
     assert torch.equal(logits(model, x), ref) and count_hooks(model) == 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
-def test_unmasked_logits_equal_the_fused_kernels(impl):
+def test_unmasked_logits_equal_the_fused_kernels(family, impl):
     """The library's own batched/grouped expert kernels (the default: grouped_mm) against our eager
-    loop: equal to float tolerance. grouped_mm on the CPU needs 16-byte strides (d_expert 12)."""
-    import transformers as tf
-
-    config = tf.Qwen2MoeConfig(**{**COMMON, **FAMILIES["qwen2_moe"][2], "moe_intermediate_size": 12})
-    config._experts_implementation = impl
-    torch.manual_seed(0)
-    model = tf.Qwen2MoeForCausalLM(config).float().eval()
+    loop: equal to float tolerance (gpt-oss: transposed, interleaved, biased weights). grouped_mm on
+    the CPU needs 16-byte strides (d_expert 12)."""
+    width = {"qwen2_moe": "moe_intermediate_size", "gpt_oss": "intermediate_size"}[family]
+    FAMILIES[f"{family}_12"] = (*FAMILIES[family][:2], {**FAMILIES[family][2], width: 12})
+    try:
+        model = build(f"{family}_12", experts_implementation=impl)
+    finally:
+        del FAMILIES[f"{family}_12"]
     assert model.config._experts_implementation == impl
     x = ids(seed=4)
     ref = logits(model, x)
@@ -314,7 +417,13 @@ def test_unmasked_logits_equal_the_fused_kernels(impl):
 
 # More transformers families with fused experts, built from their config classes (tiny sizes under
 # every config's own names): the sites are found and, unmasked, the logits are bitwise the model's own.
-MORE_FAMILIES = ("phimoe", "granitemoe", "glm4_moe", "ernie4_5_moe", "minimax", "flex_olmo", "exaone_moe")
+MORE_FAMILIES = ("phimoe", "granitemoe", "glm4_moe", "ernie4_5_moe", "minimax", "flex_olmo", "exaone_moe",
+                 "granitemoe_swa", "granitemoehybrid")
+# Granite-MoE-SWA and -hybrid: the shared_mlp next to the MoE block (measured as its shared part); hybrid: a
+# Mamba layer first
+MORE_EXTRA = {"granitemoe_swa": {"shared_intermediate_size": 17},
+              "granitemoehybrid": {"shared_intermediate_size": 17, "layer_types": ["mamba", "attention"],
+                                   "mamba_n_heads": 4, "mamba_d_head": 12, "mamba_n_groups": 1, "mamba_d_state": 8}}
 MORE_CONFIG = {**COMMON, "num_hidden_layers": 2, "intermediate_size": 13, "moe_intermediate_size": 11,
                "num_local_experts": 5, "num_experts": 5, "n_routed_experts": 5, "num_experts_per_tok": 2}
 
@@ -323,13 +432,15 @@ MORE_CONFIG = {**COMMON, "num_hidden_layers": 2, "intermediate_size": 13, "moe_i
 def test_more_fused_families(model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **MORE_CONFIG)
+    config = AutoConfig.for_model(model_type, **MORE_CONFIG, **MORE_EXTRA.get(model_type, {}))
     config._experts_implementation = "eager"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     sites = find_ffn_sites(model)
     moe = [s for s in sites if s.moe is not None]
     assert moe and all(s.moe.num_experts == 5 and s.moe.top_k == 2 for s in moe)
+    if model_type in MORE_EXTRA:  # the decoder layer's shared_mlp is the shared part
+        assert all(s.moe.d_shared == 17 and s.moe.shared_outside is not None for s in moe)
     x = ids(seed=8)
     ref = logits(model, x)
     with apply_rule(model, DenseRule()):
@@ -351,7 +462,9 @@ def test_cett_masked_output_and_both_ratios_equal_brute_force(family):
     """At thresholds eps_l: the probe's exact mean CETT (Eq. 2, over the experts that ran, routing
     weights included) and the sparse pass's activation ratios equal the float64 brute force, and
     the masked MoE output equals ``sum`` of the kept neuron outputs, computed from the block's input
-    in the sparse pass itself."""
+    in the sparse pass itself (plus gpt-oss's expert output biases ``sum_e w_e b_e``: constants, kept
+    in the model and left out of CETT's output norm, as a dense FFN's down bias; plus Granite-MoE-shared's
+    shared_mlp, whose neurons are the layer's shared part and are masked too)."""
     model = build(family)
     x = ids(batch=4, seq=11, seed=5)
     probe = SparsityProbe(model, Blocks(x))
@@ -361,10 +474,9 @@ def test_cett_masked_output_and_both_ratios_equal_brute_force(family):
     eps = torch.stack([_quantile_nonzero(probe.activations(s.index), s.column_norms(), 0.6) for s in sites])
     cett = probe.layer_cett(eps)
     store, handles = capture_inputs(model)
-    out = {}
+    out, more = capture_outputs(model)
+    handles += more
     try:
-        for i, block in blocks.items():
-            handles.append(block.register_forward_hook(lambda m, a, o, _i=i: out.__setitem__(_i, o.detach().clone())))
         with torch.no_grad():
             model(input_ids=x, use_cache=False)
         dense_in = dict(store)
@@ -373,19 +485,22 @@ def test_cett_masked_output_and_both_ratios_equal_brute_force(family):
     finally:
         for h in handles:
             h.remove()
-    for i, block in blocks.items():
+    for i in blocks:
         s = sites[i]
         # CETT per token over the dense pass (the probe's statistics)
-        v, w, ran = brute_force(family, block, dense_in[i])
+        v, w, ran, _ = brute_force(family, model, i, dense_in[i])
         norms = v.abs() * w.norm(dim=0)
         y = v @ w.T
         tail = (v * (norms <= eps[i].double())) @ w.T
         ref_cett = (tail.norm(dim=1) / y.norm(dim=1)).mean()
         assert abs(float(cett[i]) - float(ref_cett)) < 1e-5
         # the sparse pass: masked output and both activation ratios, from that pass's own input
-        v, w, ran = brute_force(family, block, sparse_in[i])
+        v, w, ran, bias = brute_force(family, model, i, sparse_in[i])
         keep = (v.abs() * w.norm(dim=0)) > eps[i].double()
-        torch.testing.assert_close(out[i].reshape(-1, D).double(), (v * keep) @ w.T, atol=1e-5, rtol=1e-4)
+        assert 0 < keep.sum() < ran.sum() * s.moe.d_expert + len(v) * s.moe.d_shared
+        torch.testing.assert_close(out[i].double(), (v * keep) @ w.T + bias, atol=1e-5, rtol=1e-4)
+        if family == "gpt_oss":
+            assert bias.abs().max() > 0.01
         ran_neurons = ran.sum(dim=1) * s.moe.d_expert + s.moe.d_shared
         assert abs(float(stats.layer_active[i]) - keep.sum().item() / (len(v) * s.d_ff)) < 1e-6
         assert abs(float(stats.layer_active_ran[i]) - keep.sum().item() / ran_neurons.sum().item()) < 1e-6
@@ -460,7 +575,8 @@ def test_sparsing_measure_on_an_moe_folder(tmp_path, capsys):
 
 # -- Fig. 2: the number of routed experts -------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "remote_deepseek"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "remote_deepseek", "gpt_oss", "granitemoeshared",
+                                    "dbrx"])
 def test_routed_experts_curve(family):
     """pareto_sweep(probe, "experts"): the routers' top-k set to k on the same tokens; the all-expert
     activation ratio is (k d_e + d_shared) / (E d_e + d_shared) per MoE layer (1 for dense layers),
@@ -481,11 +597,26 @@ def test_routed_experts_curve(family):
     assert curve["activation_ratio"].is_monotonic_increasing and curve["activation_ratio"].nunique() == len(ks)
     own = curve[curve["value"] == default_k].iloc[0]
     assert own["ppl"] == pytest.approx(probe.dense.ppl, rel=1e-6)
-    assert all(s.moe.router.top_k == default_k for s in moe)
+    assert all(s.moe.top_k == default_k for s in moe)
     # placed by activation ratio: the nearest k
     placed = pareto_sweep(probe, "experts", activation_ratios=[float(curve["activation_ratio"].iloc[0]),
                                                                float(curve["activation_ratio"].iloc[-1])])
     assert list(placed["value"]) == [1, most]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "dbrx"])
+def test_routing_every_token_to_all_experts(family):
+    """k = E: the router's [tokens, E] logits have the shape of the routing weights; the weights are still
+    the ones next to the index (the logits never taken for them): the hooked model equals the model's own
+    forward with its top-k set to E."""
+    model = build(family)
+    x = ids(seed=13)
+    e_all = find_ffn_sites(model)[-1].moe.num_experts
+    with routed_top_k(model, e_all):  # only attributes set: the model's own forward
+        ref = logits(model, x)
+    with apply_rule(model, RoutedExpertsRule(e_all)):
+        torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ref, logits(model, x))
 
 
 def test_routed_top_k_restores_and_rejects_bad_k():
@@ -531,9 +662,11 @@ def test_hooks_and_forward_restored_after_exceptions():
     assert set(seen.values()) == {0.0} and count_hooks(model) == 0
 
 
-def test_gate_ranked_rules_see_the_experts_gates():
-    """Top-k by gate and FAT rank by act(W_gate x) of each expert that ran (zeros elsewhere)."""
-    model = build("olmoe")
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "dbrx"])
+def test_gate_ranked_rules_see_the_experts_gates(family):
+    """Top-k by gate and FAT rank by act(W_gate x) of each expert that ran (zeros elsewhere); gpt-oss:
+    its clamped gate times sigmoid(alpha gate)."""
+    model = build(family)
     x = ids(seed=7)
     store, handles = capture_inputs(model)
     gates = {}
@@ -545,14 +678,15 @@ def test_gate_ranked_rules_see_the_experts_gates():
             h.remove()
     for i, block in moe_blocks(model).items():
         xin = store[i].double()
-        _, idx = route("olmoe", block, xin)
+        _, idx = route(family, block, xin)
         ref = []
-        for e, (wg, _, _) in enumerate(expert_weights(block)):
+        for e, (run, _, _) in enumerate(expert_parts(block)):
             ran = (idx == e).any(dim=1, keepdim=True)
-            ref.append(_silu(xin @ wg.T) * ran)
+            ref.append(run(xin)[1] * ran)
         torch.testing.assert_close(gates[i].reshape(len(xin), -1).double(), torch.cat(ref, dim=1), atol=1e-5, rtol=1e-4)
-    stats = SparsityProbe(model, Blocks(x)).sparse_pass(su.TopKRule(0.1))  # k = round(0.1 * 78) of the 2 x 13 that ran
-    assert stats.activation_ratio == pytest.approx(8 / 78) and stats.activation_ratio_ran == pytest.approx(8 / 26)
+    if family == "olmoe":  # k = round(0.1 * 78) of the 2 x 13 that ran
+        stats = SparsityProbe(model, Blocks(x)).sparse_pass(su.TopKRule(0.1))
+        assert stats.activation_ratio == pytest.approx(8 / 78) and stats.activation_ratio_ran == pytest.approx(8 / 26)
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -585,6 +719,41 @@ def test_incomplete_moe_blocks_get_clear_errors():
             apply_rule(m, DenseRule()):
         logits(m, ids())
     assert count_hooks(m) == 0
+
+
+def test_bad_fused_layouts_and_outer_shared_mlp_get_clear_errors():
+    """gpt-oss-style experts that are not gated or lack a bias; a shared expert in the block and a shared
+    MLP next to it; the decoder layer's shared MLP called on another input than the block's."""
+    layer = build("gpt_oss").model.layers[0]
+    broken = copy.deepcopy(layer)
+    broken.mlp.experts.has_gate = False
+    with pytest.raises(ValueError, match=r"GptOssMLP\), fused 3-D expert weights: unsupported fused-expert layout "
+                                         "has_gate=False"):
+        find_moe(broken, "model.layers.0")
+    broken = copy.deepcopy(layer)
+    del broken.mlp.experts.down_proj_bias
+    with pytest.raises(ValueError, match=r"has_bias=True but no down_proj_bias of shape \(5, 24\)"):
+        find_moe(broken, "model.layers.0")
+    model = build("granitemoeshared")
+    broken = copy.deepcopy(model.model.layers[0])
+    broken.block_sparse_moe.shared_expert = copy.deepcopy(broken.shared_mlp)
+    with pytest.raises(ValueError, match="has a shared expert and the decoder layer another shared MLP"):
+        find_moe(broken, "model.layers.0")
+    block, outer = model.model.layers[0].block_sparse_moe, model.model.layers[0].shared_mlp
+    h = torch.randn(1, 4, D)
+    with torch.no_grad(), apply_rule(model, DenseRule()):
+        assert "forward" in outer.__dict__
+        with pytest.raises(RuntimeError, match="shared MLP next to model.layers.0.block_sparse_moe was called on "
+                                               "another input"):
+            outer(h)  # before the block
+        block(h)
+        with pytest.raises(RuntimeError, match="another input"):
+            outer(h.clone())
+    assert "forward" not in outer.__dict__ and "forward" not in block.__dict__ and count_hooks(model) == 0
+    with torch.no_grad():
+        ref = block(h) + outer(h)
+        with apply_rule(model, DenseRule()):
+            assert torch.equal(block(h) + outer(h), ref)
 
 
 # -- the compact path (ExpertRows) against the full-width virtual vector --------------------------
