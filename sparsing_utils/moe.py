@@ -31,6 +31,7 @@ differ only in the rows of :data:`EXPERT_KINDS`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -314,7 +315,67 @@ class _FlatGLU:
         return experts.mlp.w2
 
 
-EXPERT_KINDS = (_Fused, _ModuleList, _FlatGLU)
+class _Parallel:
+    """JetMoE's ``JetMoeMoE``: the block itself holds the experts, ``input_linear.weight [E, 2 d_e, d]`` (gate rows
+    first) and ``output_linear.weight [E, d, d_e]`` (``JetMoeParallelExperts``), ``activation``, and a bias ``[d]``
+    added to the block's output whatever the routing (``JetMoeMoE.forward``)."""
+
+    name = "parallel experts in the block (JetMoE)"
+    router_sees_batch = False
+
+    @staticmethod
+    def matches(experts: nn.Module) -> bool:
+        w = getattr(getattr(experts, "output_linear", None), "weight", None)
+        return isinstance(w, torch.Tensor) and w.dim() == 3
+
+    @staticmethod
+    def problem(experts: nn.Module) -> str | None:
+        gu = getattr(getattr(experts, "input_linear", None), "weight", None)
+        e, d, de = experts.output_linear.weight.shape
+        if not isinstance(gu, torch.Tensor) or gu.shape != (e, 2 * de, d):
+            return f"expected input_linear.weight [E, 2*d_expert, d] = {(e, 2 * de, d)} next to output_linear.weight"
+        if not isinstance(getattr(experts, "activation", None), nn.Module):
+            return "no activation"
+        return None
+
+    @staticmethod
+    def sizes(experts: nn.Module) -> tuple[int, int, int]:
+        e, d, de = experts.output_linear.weight.shape
+        return e, de, d
+
+    @staticmethod
+    def activations(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = F.linear(x, experts.input_linear.weight[e]).chunk(2, dim=-1)
+        g = experts.activation(gate)
+        return g * up, g
+
+    @staticmethod
+    def down(experts: nn.Module, e: int, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(a, experts.output_linear.weight[e])
+
+    @staticmethod
+    def down_bias(experts: nn.Module) -> None:
+        return None
+
+    @staticmethod
+    def down_t(experts: nn.Module) -> torch.Tensor:
+        e, d, de = experts.output_linear.weight.shape
+        return experts.output_linear.weight.transpose(1, 2).reshape(e * de, d)
+
+    @staticmethod
+    def block_bias(experts: nn.Module) -> torch.Tensor | None:  # [d]
+        b = getattr(experts, "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+
+def _no_block_bias(experts: nn.Module) -> None:
+    return None
+
+
+for _kind in (_Fused, _ModuleList, _FlatGLU):
+    _kind.block_bias = staticmethod(_no_block_bias)  # a bias on the block's output: JetMoE only
+
+EXPERT_KINDS = (_Fused, _ModuleList, _FlatGLU, _Parallel)
 
 
 # -- the virtual activation vector without its zeros ------------------------------------------------
@@ -489,6 +550,21 @@ def _route(out, router_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return weights.reshape(-1, weights.shape[-1]), index.reshape(-1, index.shape[-1])  # [tokens, k]
 
 
+def _jetmoe_routing(router: nn.Module, out: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """JetMoE's ``JetMoeTopKGating`` returns the (token, slot) pairs sorted by expert, their gates, the count per
+    expert and the logits; back to ``(weights, index) [tokens, k]``."""
+    pairs, _, gates, counts, logits = out
+    experts = torch.repeat_interleave(torch.arange(len(counts), device=pairs.device),
+                                      torch.tensor(counts, device=pairs.device))  # [T k]: the expert of each pair
+    index = torch.empty_like(pairs).index_put_((pairs,), experts)
+    weights = torch.empty_like(gates).index_put_((pairs,), gates)
+    return weights.view(logits.shape[0], -1), index.view(logits.shape[0], -1)
+
+
+# Routers whose output is not (logits, weights, index) nor (index, weights, ...): class name -> reader.
+ROUTER_READERS = {"JetMoeTopKGating": _jetmoe_routing}
+
+
 # Visitors of one forward. Full-width ones see v as [batch, seq, d_ff] tensors: edit(v, gate) -> v' or None
 # before the output, read(v, y) after it. Compact ones see ExpertRows instead: edit(v, gate) -> ExpertRows of
 # new values, a boolean ExpertRows (the entries kept: the others become 0), or None; read(v, y).
@@ -530,7 +606,8 @@ class MoELayer:
     d_model: int
     # The shared MLP when the decoder layer runs it next to the block (Granite-MoE-shared's shared_mlp), else None.
     shared_outside: nn.Module | None = None
-    # The block's own step from router logits to (weights, index) when its router returns logits only (DBRX).
+    # From the router's output to (weights, index) where _route cannot read it: the block's own step when its
+    # router returns logits only (DBRX), or a reader of ROUTER_READERS (JetMoE).
     routing: Callable | None = None
 
     @property
@@ -705,6 +782,9 @@ class MoELayer:
             out_e = self.kind.down(self.experts, e, a) * w  # (W_down_e a + b_e) w_e with an output bias (gpt-oss)
             y.index_add_(0, tok, out_e.to(y.dtype))
         y = y.view(*lead, -1)
+        block_bias = self.kind.block_bias(self.experts)  # [d]: JetMoE's bias on the block's output
+        if block_bias is not None:
+            y = y + block_bias
         total = y  # the layer's FFN output: the block's, plus a shared MLP the decoder layer runs next to it
         if self.shared is not None:
             if changed:
@@ -739,7 +819,8 @@ class MoELayer:
         s_bias = self.shared.down.bias if self.shared is not None else None
         if s_bias is not None:
             out = out + (sg * s_bias if sg is not None else s_bias)
-        return out
+        block_bias = self.kind.block_bias(self.experts)
+        return out if block_bias is None else out + block_bias
 
 
 def _first_child(block: nn.Module, names: Sequence[str]) -> nn.Module | None:
@@ -754,12 +835,15 @@ def find_moe(layer: nn.Module, prefix: str) -> MoELayer | None:
     for name in MOE_BLOCK_NAMES:
         block = getattr(layer, name, None)
         if isinstance(block, nn.Module) and isinstance(getattr(block, "experts", None), nn.Module):
+            experts = block.experts
+            break
+        if isinstance(block, nn.Module) and _Parallel.matches(block):  # JetMoE: the block holds the experts
+            experts = block
             break
     else:
         return None
     qual = f"{prefix}.{name}"
     where = f"the MoE block {qual} ({type(block).__name__})"
-    experts = block.experts
     kind = next((k for k in EXPERT_KINDS if k.matches(experts)), None)
     if kind is None:
         raise ValueError(f"{where}: its experts ({type(experts).__name__}) are neither " + " nor ".join(
@@ -780,7 +864,8 @@ def find_moe(layer: nn.Module, prefix: str) -> MoELayer | None:
     if shared_mlp is not None and shared is None:
         raise ValueError(f"{where}: the shared expert {type(shared_mlp).__name__} is not a gated MLP (searched "
                          + _mlp_layouts() + ")")
-    routing = getattr(block, "route_tokens_to_experts", None)
+    reader = ROUTER_READERS.get(type(router).__name__)
+    routing = functools.partial(reader, router) if reader is not None else getattr(block, "route_tokens_to_experts", None)
     e, de, d = kind.sizes(experts)
     return MoELayer(qual, block, router, experts, kind, shared, _first_child(block, SHARED_GATE_NAMES),
                     e, de, 0 if shared is None else shared.down.in_features, d,

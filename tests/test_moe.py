@@ -69,6 +69,8 @@ FAMILIES = {
               "ffn_config": {"ffn_hidden_size": 13, "moe_num_experts": 5, "moe_top_k": 2,
                              "moe_normalize_expert_weights": 1.5}}),
 }
+FAMILIES["jetmoe"] = ("JetMoeConfig", "JetMoeForCausalLM",
+                      {"intermediate_size": 13, "num_local_experts": 5, "num_experts_per_tok": 2, "kv_channels": 6})
 OWN_CONFIG = {"dbrx"}  # config arguments under other names than COMMON's
 ALL_LAYOUTS = (*FAMILIES, "remote_deepseek")  # + the module-list layout
 
@@ -87,9 +89,10 @@ def build(family: str, *, experts_implementation: str = "eager", seed: int = 0) 
     model = getattr(tf, cls_name)(config).float().eval()
     g = torch.Generator().manual_seed(seed)
     for block in moe_blocks(model).values():  # nonzero biases (initialised to 0), so that they are exercised
-        router, ex = router_of(block), block.experts
+        router, ex = router_of(block), getattr(block, "experts", None)
         for bias in (getattr(router, "e_score_correction_bias", None),  # DeepSeek-V3's score correction
-                     *((router.bias, ex.gate_up_proj_bias, ex.down_proj_bias) if family == "gpt_oss" else ())):
+                     *((router.bias, ex.gate_up_proj_bias, ex.down_proj_bias) if family == "gpt_oss" else ()),
+                     *((block.bias,) if family == "jetmoe" else ())):  # JetMoE's bias on the block output
             if bias is not None:
                 bias.data.copy_(torch.randn(bias.shape, generator=g) * 0.1)
     return model
@@ -183,11 +186,11 @@ def route(family: str, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
         p = (x @ r.layer.weight.double().T).softmax(dim=-1)
         w, idx = p.topk(block.top_k, dim=-1)
         return w / w.norm(p=block.moe_normalize_expert_weights, dim=-1, keepdim=True), idx
-    logits = x @ r.weight.double().T  # [T, E]
+    logits = x @ (r.layer.weight if family == "jetmoe" else r.weight).double().T  # [T, E]
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         renorm = family == "mixtral" or r.norm_topk_prob
         return _softmax_topk(logits, r.top_k, renorm)
-    if family in ("gpt_oss", "granitemoeshared"):  # top-k logits (gpt-oss: with a bias), softmax over those k
+    if family in ("gpt_oss", "granitemoeshared", "jetmoe"):  # top-k logits (gpt-oss: + a bias), softmax over k
         if family == "gpt_oss":
             logits = logits + r.bias.double()
         top, idx = logits.topk(r.top_k, dim=-1)
@@ -235,6 +238,10 @@ def _gpt_oss(ex, e):
 def expert_parts(block: nn.Module):
     """Per expert ``(x -> (a, gate score) [T, d_e], W_down [d, d_e], output bias [d] or None)`` in float64,
     each layout written out from its weights."""
+    if not hasattr(block, "experts"):  # JetMoE: input_linear [E, 2 d_e, d] (gate rows first), output_linear [E, d, d_e]
+        w_in, w_out = block.input_linear.weight.double(), block.output_linear.weight.double()
+        de = w_out.shape[2]
+        return [(_swiglu(w_in[e, :de], w_in[e, de:]), w_out[e], None) for e in range(len(w_in))]
     ex = block.experts
     if isinstance(ex, nn.ModuleList):
         return [(_swiglu(m.gate_proj.weight.double(), m.up_proj.weight.double()), m.down_proj.weight.double(), None)
@@ -262,7 +269,7 @@ def brute_force(family: str, model: nn.Module, i: int, x: torch.Tensor):
     """From MoE layer ``i``'s input ``x [T, d]``: ``(v [T, D], W [d, D], ran [T, E] bool, bias [T, d])`` in
     float64, where ``v_i = w_e(token) a_i`` for the chosen experts (0 elsewhere), ``g a_i`` for the shared
     expert (in the block, or the decoder layer's shared_mlp), and ``bias = sum_e w_e b_e`` (gpt-oss's expert
-    output biases; zeros elsewhere): the layer's FFN output is ``v W^T + bias``."""
+    output biases) or JetMoE's block bias (zeros elsewhere): the layer's FFN output is ``v W^T + bias``."""
     block, layer = moe_blocks(model)[i], layers_of(model)[i]
     x = x.double()
     weights, idx = route(family, block, x)
@@ -276,6 +283,8 @@ def brute_force(family: str, model: nn.Module, i: int, x: torch.Tensor):
         cols.append(wd)
         if b is not None:
             bias += w_full[:, e:e + 1] * b
+    if not hasattr(block, "experts"):
+        bias += block.bias.double()
     shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None) or \
         getattr(layer, "shared_mlp", None)
     if shared is not None:
@@ -291,7 +300,8 @@ def layers_of(model):
 
 def block_of(layer):
     return next((getattr(layer, n) for n in ("mlp", "block_sparse_moe", "ffn")
-                 if hasattr(getattr(layer, n, None), "experts")), None)
+                 if hasattr(getattr(layer, n, None), "experts") or hasattr(getattr(layer, n, None), "output_linear")),
+                None)
 
 
 def router_of(block):
@@ -381,7 +391,8 @@ def test_sites_and_virtual_activations_equal_brute_force(family):
 def test_unmasked_logits_equal_the_unhooked_model(family):
     """With no neuron masked the model computes what it computes unhooked: bitwise for the eager
     experts (our forward is transformers' eager loop), to float tolerance for the remote-code
-    layout (it sums the k experts in another order)."""
+    layout (it sums the k experts in another order) and JetMoE (its router groups each expert's
+    tokens by an unstable sort: the rows of each product in another order)."""
     model = build(family)
     x = ids(seed=3)
     ref = logits(model, x)
@@ -390,6 +401,8 @@ def test_unmasked_logits_equal_the_unhooked_model(family):
     if family == "remote_deepseek":
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ref, logits(build("deepseek_v2"), x), atol=1e-5, rtol=1e-5)  # the layout is faithful
+    elif family == "jetmoe":
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(out, ref)
     assert torch.equal(logits(model, x), ref) and count_hooks(model) == 0
@@ -576,7 +589,7 @@ def test_sparsing_measure_on_an_moe_folder(tmp_path, capsys):
 # -- Fig. 2: the number of routed experts -------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "remote_deepseek", "gpt_oss", "granitemoeshared",
-                                    "dbrx"])
+                                    "dbrx", "jetmoe"])
 def test_routed_experts_curve(family):
     """pareto_sweep(probe, "experts"): the routers' top-k set to k on the same tokens; the all-expert
     activation ratio is (k d_e + d_shared) / (E d_e + d_shared) per MoE layer (1 for dense layers),
