@@ -25,8 +25,14 @@ Where the library's own expert code hides ``a`` (fused 3-D weights run by groupe
 kernels), the MoE block's ``forward`` is replaced, only inside the context managers of
 :mod:`sparsing_utils.ffn`, by :meth:`MoELayer.forward`: the model's own router, then the experts
 computed as transformers' eager loop computes them (bitwise the same output as the eager path
-when no neuron is edited; within float rounding of the grouped kernels). The two expert layouts
-differ only in the rows of :data:`EXPERT_KINDS`.
+when no neuron is edited; within float rounding of the grouped kernels). The expert layouts (fused
+3-D weights, gpt-oss's transposed / interleaved / biased variant included; a module list; DBRX's
+stacked 2-D weights; JetMoE's parallel experts) differ only in the rows of :data:`EXPERT_KINDS`.
+A shared MLP the decoder layer runs next to the block on its input (Granite-MoE-shared's
+``shared_mlp``) is the layer's shared part, as a shared expert inside the block is. Output biases
+(gpt-oss's ``w_e b_e``, JetMoE's block bias) belong to no neuron: kept in the output, left out of
+the ``y`` shown to readers (CETT's denominator), as :func:`~sparsing_utils.ffn.read_activations`
+does with a dense FFN's down bias.
 """
 from __future__ import annotations
 
