@@ -61,6 +61,13 @@ class SparsityRule:
         """:meth:`keep` of the neurons ``cols`` only (``elementwise`` rules): one expert's block of an MoE layer."""
         return self.keep(site, a, gate, col_norms[cols])
 
+    def sparsify(self, site: FFNSite, a: torch.Tensor, gate: torch.Tensor | None,
+                 col_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a * keep, keep)``: ``a`` with the neurons not activated set to zero (``a_i * 0``, so
+        a dropped negative entry is ``-0.0``), and the mask of :meth:`keep`."""
+        keep = self.keep(site, a, gate, col_norms)  # [..., d_ff] bool
+        return a * keep, keep
+
     def bind(self, sites: Sequence[FFNSite], col_norms: dict[int, torch.Tensor]) -> None:
         """Called by :func:`apply_rule` before the forward: put on the device what :meth:`keep`
         needs for every layer, so that no hook copies from the host (each such copy makes the
@@ -117,6 +124,13 @@ class CETTRule(SparsityRule):
 
     def keep_columns(self, site, a, gate, col_norms, cols):
         return a.abs() > self._limits_of(site, col_norms, a.device)[cols]  # [rows, width]
+
+    def sparsify(self, site, a, gate, col_norms):
+        # the product is written over |a| (no longer needed once compared): one full-size temporary
+        # fewer than keep() then a * keep, with the same values (benchmarks/bench_rule_edit.py)
+        mag = a.abs()  # [..., d_ff]
+        keep = mag > self._limits_of(site, col_norms, a.device)
+        return torch.mul(a, keep, out=mag), keep
 
     def describe(self):
         return {"rule": self.name, "thresholds": self.thresholds.tolist()}
@@ -272,12 +286,12 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
             return edit_experts(site, a, gate)
         if check_finite and not torch.isfinite(a).all():
             raise non_finite(site)
-        keep = rule.keep(site, a, gate, norms[site.index])  # [batch, seq, d_ff]
+        new, keep = rule.sparsify(site, a, gate, norms[site.index])  # [batch, seq, d_ff] each
         if record is not None:
             record(site, keep)
         if count is not None:
             count(site, keep.sum(dim=-1, dtype=torch.float32))
-        return a * keep
+        return new
 
     def edit_experts(site: FFNSite, v: ExpertRows, gate: ExpertRows | None) -> ExpertRows:
         """An MoE layer: the mask of the neurons kept, expert by expert on the tokens routed to each
