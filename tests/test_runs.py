@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from argparse import Namespace
 
@@ -498,3 +499,37 @@ def test_pareto_frame_reads_the_final_checkpoints_points(tree):
     assert frame["activation_ratio"].tolist() == [0.1, 0.2, 0.3] and frame["value"].tolist() == [0.2, 0.1, 0.05]
     assert set(frame["activation"]) == {a.activation} and (frame["checkpoint"] == "final").all()
 
+
+
+def test_run_sweeps_spreads_runs_over_the_gpus_of_one_machine(run_sweeps, tmp_path, monkeypatch, capsys):
+    """The scheduler's real loop (not --simulate) on a machine of two GPUs, one slot each: three runs
+    by priority, the first two at once on GPUs 0 and 1, the third on the first GPU to free up; each
+    child process sees only its GPU (CUDA_VISIBLE_DEVICES) and is tracked with the --pareto targets.
+    The training and tracking commands are replaced by stand-ins that record their environment."""
+    spawned = []
+
+    def fake_spawn(self, cmd):
+        spawned.append((self.name, cmd[3], self._env()["CUDA_VISIBLE_DEVICES"], cmd))
+        if cmd[3] == "track":
+            write(self.tracked, payload(self.name))
+        seconds = {"a": "2.0", "b": "0.1", "c": "0.1"}[self.name] if cmd[3] == "train" else "0"
+        self.proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+    monkeypatch.setattr(run_sweeps.Run, "_spawn", fake_spawn)
+    entries = [{"run": n, "config": "configs/activation/relu-2m.json", "priority": i, "est_seconds": 1,
+                "total_tokens": 1, "sweeps": {"activation": n}} for i, n in enumerate("abc")]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"runs": entries}))
+    work = tmp_path / "work"
+    assert run_sweeps.main(["--plan", str(plan), "--corpus", str(tmp_path), "--work", str(work), "--device", "cuda",
+                            "--gpus", "0,1", "--slots-per-gpu", "1", "--poll", "0.02", "--pareto", "0.05,0.1"]) == 0
+    assert "finished: 3 done, 0 failed, 0 skipped" in capsys.readouterr().out
+    train = [(name, gpu) for name, what, gpu, _ in spawned if what == "train"]
+    assert train[:2] == [("a", "0"), ("b", "1")]  # both GPUs busy at once
+    assert train[2] == ("c", "1")  # b finishes first: c takes its GPU while a still trains on GPU 0
+    tracks = [cmd for _, what, _, cmd in spawned if what == "track"]
+    assert len(tracks) == 3 and all(cmd[cmd.index("--pareto") + 1] == "0.05,0.1" for cmd in tracks)
+    status = {r["run"]: r for r in json.loads((work / "status.json").read_text())["runs"]}
+    assert {n: (r["state"], r["gpu"]) for n, r in status.items()} == {"a": ("done", 0), "b": ("done", 1),
+                                                                     "c": ("done", 1)}
+    assert sorted(p.name for p in (work / "results" / "activation").iterdir()) == ["a.json", "b.json", "c.json"]
