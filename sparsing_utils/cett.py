@@ -28,11 +28,13 @@ __all__ = [
     "all_finite",
     "cett_per_token",
     "cett_statistics",
+    "compare_limits",
     "default_compute_dtype",
     "host_to_device",
     "interpolate_thresholds",
     "l2_norm",
     "neuron_norms",
+    "nonzero_norms",
     "refine_thresholds",
     "sketch_projection",
     "sketch_weight",
@@ -127,15 +129,41 @@ def activation_limits(col_norms: torch.Tensor, thresholds: torch.Tensor) -> torc
     return torch.where(cn > 0, eps / cn.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(cn, math.inf))
 
 
+def compare_limits(limits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 limits on ``|a|`` (:func:`activation_limits`) made comparable with activations of
+    ``dtype`` without converting them: for half-precision ``dtype`` the largest ``dtype`` value
+    ``<=`` each limit, so that for every ``x`` of ``dtype``, ``x > L`` iff ``x > compare_limits(L)``
+    (no ``dtype`` value lies between the two), and the comparison runs in ``dtype`` (on CUDA a
+    vectorised kernel, where a bf16-against-float32 comparison converts every entry; issue 10,
+    ``benchmarks/op_costs.py``). Float32 and wider: the limits themselves."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return limits
+    r = limits.to(dtype)
+    return torch.where(r.float() > limits, torch.nextafter(r, torch.full_like(r, -math.inf)), r)
+
+
+def nonzero_norms(y_norm: torch.Tensor) -> torch.Tensor:
+    """``||y||`` of each token in float32, with 1 where it is 0: the denominator of Eq. 2 (a token
+    whose FFN output is exactly zero has nothing to truncate, its tail norm is 0 and so is its CETT).
+    ``y + (y == 0)`` rather than ``where`` and ``clamp_min``: kernels that a forward pass has already
+    loaded (the first use of ``where`` or ``clamp_min`` in a process costs 15-30 ms on an H200,
+    ``benchmarks/first_use_isolated.py``); the quotients are those of a plain division."""
+    y = y_norm.float()
+    return y + (y == 0).float()
+
+
 def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
                          thresholds: torch.Tensor, *, compute_dtype: torch.dtype | None = None,
                          max_elements: int = 1 << 26,
-                         blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         blocks: tuple[int, int] | None = None, limits: torch.Tensor | None = None,
+                         counts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Norm of the truncated tail and number of activated neurons, per threshold and token.
 
     Returns ``(|| sum_{i : n_i <= eps_k} a_i W_down[:, i] ||  [K, tokens] float32,
-    activated counts [K, tokens] int32)``. a: ``[tokens, d_ff]``; w_t: ``W_down`` transposed
-    ``[d_ff, d_model]`` (or a sketch of it, :func:`sketch_weight`); thresholds: ``[K]``. The K
+    activated counts [K, tokens] int32, or None with counts=False)``. a: ``[tokens, d_ff]``; w_t:
+    ``W_down`` transposed ``[d_ff, d_model]`` (or a sketch of it, :func:`sketch_weight`); thresholds:
+    ``[K]``; ``limits``: their :func:`compare_limits` ``[K, d_ff]`` for ``a``'s dtype, on ``a``'s
+    device, when the caller computed them (on the host: no device kernels for them). The K
     masked copies of a chunk of ``a`` are stacked into one ``[K*t, d_ff] @ [d_ff, d_model]``
     product; chunks keep ``K * t * d_ff <= max_elements``.
 
@@ -161,11 +189,13 @@ def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
     x = a.parts()[0][2] if compact else a  # a tensor of a's dtype and device
     cd = compute_dtype or default_compute_dtype(x)
     w = w_t.to(device=x.device, dtype=cd)
-    limits = activation_limits(col_norms.to(x.device), thresholds.reshape(-1).to(x.device))  # [K, d_ff]
+    if limits is None:
+        limits = compare_limits(activation_limits(col_norms.to(x.device), thresholds.reshape(-1).to(x.device)),
+                                x.dtype)  # [K, d_ff]
     tokens, d_ff = a.shape
     n_k = limits.shape[0]
     norms = torch.empty(n_k, tokens, device=x.device, dtype=torch.float32)  # [K, tokens]
-    kept = torch.empty(n_k, tokens, device=x.device, dtype=torch.int32)  # [K, tokens]
+    kept = torch.empty(n_k, tokens, device=x.device, dtype=torch.int32) if counts else None  # [K, tokens]
     if tokens == 0 or n_k == 0:
         return norms, kept
     if compact or (blocks is not None and bool((thresholds >= 0).all())):  # a negative threshold activates zeros
@@ -183,7 +213,8 @@ def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
             masked = ac.to(cd).unsqueeze(0) * tail  # [k, t, d_ff]
             s = masked.reshape(-1, d_ff) @ w  # [k*t, d_model]
             norms[k0:k0 + k, t0:t0 + t] = l2_norm(s).view(k, t)
-            kept[k0:k0 + k, t0:t0 + t] = d_ff - tail.sum(dim=-1, dtype=torch.int32)
+            if kept is not None:
+                kept[k0:k0 + k, t0:t0 + t] = d_ff - tail.sum(dim=-1, dtype=torch.int32)
     return norms, kept
 
 
@@ -231,7 +262,7 @@ def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, to
         for c, t0 in enumerate(starts[:-1]):
             t = starts[c + 1] - t0
             s = torch.zeros(k, t, d_out, device=norms.device, dtype=torch.float32)  # [k, t, d_model] tail sums
-            count = torch.zeros(k, t, device=norms.device, dtype=torch.int32)  # activated neurons
+            count = torch.zeros(k, t, device=norms.device, dtype=torch.int32) if kept is not None else None
             for (col, r, x), b in zip(parts, bounds):
                 if r is None:
                     rr, ac = None, x[t0:t0 + t]  # the dense columns, every token
@@ -241,15 +272,18 @@ def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, to
                     continue
                 tail = ac.abs().unsqueeze(0) <= lim[:, col].unsqueeze(1)  # [k, rows, width] True = truncated
                 prod = ((ac.to(cd).unsqueeze(0) * tail).reshape(-1, ac.shape[1]) @ w[col]).view(k, -1, d_out)
-                active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32)  # [k, rows]
+                active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32) if count is not None else None  # [k, rows]
                 if rr is None:
                     s += prod.float()
-                    count += active
+                    if count is not None:
+                        count += active
                 else:
                     s.index_add_(1, rr, prod.float())
-                    count.index_add_(1, rr, active)
+                    if count is not None:
+                        count.index_add_(1, rr, active)
             norms[k0:k0 + k, t0:t0 + t] = l2_norm(s)
-            kept[k0:k0 + k, t0:t0 + t] = count
+            if count is not None:
+                kept[k0:k0 + k, t0:t0 + t] = count
     return norms, kept
 
 
@@ -259,16 +293,14 @@ def truncated_norms(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
     return truncated_statistics(a, w_t, col_norms, thresholds, **kw)[0]
 
 
-def _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:
     if y_norm is None:
         if not isinstance(a, torch.Tensor):  # held without its zeros (sparsing_utils.moe.ExpertRows)
             a = a.full().reshape(a.shape)
         cd = default_compute_dtype(a)
         y_norm = l2_norm(a.to(cd) @ w_t.to(a.device, cd))  # [tokens]
     num, kept = truncated_statistics(a, w_t, col_norms, thresholds, **kw)  # [K, tokens]
-    y = y_norm.to(num.device, torch.float32).unsqueeze(0)  # [1, tokens]
-    cett = torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
-    return cett, kept
+    return num / nonzero_norms(y_norm.to(num.device)).unsqueeze(0), kept  # Eq. 2, [K, tokens]
 
 
 def cett_per_token(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, thresholds: torch.Tensor,
@@ -286,10 +318,11 @@ def cett_statistics(a: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor,
     """Sums over tokens of CETT and of the number of activated neurons, per threshold.
 
     Returns ``(cett_sum [K], active_sum [K])`` in float64, ready to be added across chunks,
-    batches and processes (then divided by the token count, and ``d_ff`` for the ratio).
+    batches and processes (then divided by the token count, and ``d_ff`` for the ratio);
+    ``active_sum`` is None with ``counts=False`` (its masks are then not summed).
     """
     cett, kept = _cett_and_kept(a, w_t, col_norms, thresholds, y_norm, **kw)  # [K, tokens]
-    return cett.double().sum(dim=1), kept.double().sum(dim=1)
+    return cett.double().sum(dim=1), None if kept is None else kept.double().sum(dim=1)
 
 
 class NormHistogram:
@@ -297,61 +330,96 @@ class NormHistogram:
 
     Gives quantiles of the norm distribution without keeping activations in memory; used to
     place the candidate thresholds of each layer's CETT curve. Exact zeros (ReLU) are
-    counted apart. Bins are 1/256 decade wide over [1e-12, 1e6): quantiles to 0.9%.
+    counted apart. Bins are 1/256 decade wide over [1e-12, 1e6) (values outside go to the
+    end bins): quantiles to 0.9%.
+
+    :meth:`add` launches ``log10``, ``histc`` and comparisons on the norms' device, with no
+    synchronisation; the counts are combined on the host at the first read of :attr:`counts`,
+    :attr:`zeros` or :meth:`quantiles` (one copy). ``histc`` rather than an ``index_add_`` or
+    ``bincount`` of bin indices: a Llama-style forward has not loaded those kernels, and their
+    first use costs 30-60 ms in a process on an H200 (``benchmarks/first_use_isolated.py``); its
+    float32 counts are exact integers, chunks holding at most 2**24 entries.
     """
 
     LOG_MIN, LOG_MAX, BINS = -12.0, 6.0, 18 * 256
+    CHUNK = 1 << 24  # entries per histc call: float32 counts below 2**24 are exact
 
     def __init__(self, n_layers: int, device: torch.device | str = "cpu"):
-        self.counts = torch.zeros(n_layers, self.BINS, dtype=torch.float64, device=device)
-        self.zeros = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.device = torch.device(device)
+        self._counts = torch.zeros(n_layers, self.BINS, dtype=torch.float64)  # on the host
+        self._zeros = torch.zeros(n_layers, dtype=torch.float64)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (layer, [BINS + 3] float32) on the device
 
     def add(self, layer: int, norms: torch.Tensor) -> None:
-        """Count ``norms`` (any shape) into one layer's histogram, with no device synchronisation
-        (no boolean indexing, no ``bincount``): integer counts, exact in any order."""
-        flat = norms.reshape(-1).to(self.counts.device)
-        positive = flat > 0
-        self.zeros[layer] += (~positive).sum()
-        logs = flat.clamp_min(torch.finfo(flat.dtype).tiny).log10().clamp_(self.LOG_MIN, self.LOG_MAX - 1e-6)
-        idx = ((logs - self.LOG_MIN) * (self.BINS / (self.LOG_MAX - self.LOG_MIN))).long()
-        self.counts[layer].index_add_(0, idx, positive.to(self.counts.dtype))
+        """Count ``norms`` (any shape, >= 0) into one layer's histogram, with no device
+        synchronisation: integer counts, exact in any order."""
+        for x in norms.reshape(-1).split(self.CHUNK):
+            logs = x.float().log10()  # [n]; -inf at exact zeros, which histc leaves out
+            hist = torch.histc(logs, bins=self.BINS, min=self.LOG_MIN, max=self.LOG_MAX)  # [BINS]
+            ends = torch.stack([(x <= 0).sum(), (logs < self.LOG_MIN).sum(), (logs > self.LOG_MAX).sum()])
+            self._pending.append((layer, torch.cat([hist, ends.float()])))  # zeros, below (with zeros), above
 
     def add_zeros(self, layer: int, n: int) -> None:
         """Count ``n`` exact zeros (entries not stored: an MoE layer's experts that did not run)."""
-        self.zeros[layer] += n
+        self._zeros[layer] += n
+
+    def _flush(self) -> None:
+        """The pending counts added on the host (one copy from the device)."""
+        if not self._pending:
+            return
+        rows = torch.stack([r.to(self.device) for _, r in self._pending]).cpu().double()  # [n, BINS + 3]
+        for (layer, _), r in zip(self._pending, rows):
+            zeros, below, above = r[-3:]
+            self._counts[layer] += r[:-3]
+            self._counts[layer, 0] += below - zeros  # positive norms under 1e-12: the first bin
+            self._counts[layer, -1] += above
+            self._zeros[layer] += zeros
+        self._pending.clear()
+
+    @property
+    def counts(self) -> torch.Tensor:  # [layers, BINS] float64 on the host
+        self._flush()
+        return self._counts
+
+    @property
+    def zeros(self) -> torch.Tensor:  # [layers] float64 on the host
+        self._flush()
+        return self._zeros
 
     def quantiles(self, levels: torch.Tensor) -> torch.Tensor:
-        """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]``.
+        """Norm values at the given quantile levels, per layer: ``[layers, len(levels)]`` (host).
 
         A level inside the mass of exact zeros maps to 0; otherwise the upper edge of the bin
         in which the cumulative count first reaches the level (so at least that fraction of
         norms is ``<=`` the value).
         """
-        levels = levels.to(self.counts.device, torch.float64)
-        total = self.counts.sum(dim=1) + self.zeros  # [layers]
-        cum = self.zeros.unsqueeze(1) + self.counts.cumsum(dim=1)  # [layers, bins]
+        counts, zeros = self.counts, self.zeros
+        levels = levels.to(torch.float64)
+        total = counts.sum(dim=1) + zeros  # [layers]
+        cum = zeros.unsqueeze(1) + counts.cumsum(dim=1)  # [layers, bins]
         want = levels.unsqueeze(0) * total.unsqueeze(1)  # [layers, K]
         idx = torch.searchsorted(cum.contiguous(), want.contiguous()).clamp_max(self.BINS - 1)
         width = (self.LOG_MAX - self.LOG_MIN) / self.BINS
         values = 10 ** (self.LOG_MIN + (idx.double() + 1) * width)
-        values = torch.where(want <= self.zeros.unsqueeze(1), torch.zeros_like(values), values)
+        values = torch.where(want <= zeros.unsqueeze(1), torch.zeros_like(values), values)
         return values.float()
 
     def cpu(self) -> NormHistogram:
-        """A copy on the CPU (one transfer), where :meth:`quantiles` launches no device kernels
-        (their first use in a process costs tens of ms each on CUDA: issue 10)."""
-        both = torch.cat([self.counts, self.zeros.unsqueeze(1)], dim=1).cpu()  # [layers, BINS + 1]
-        out = NormHistogram(0)
-        out.counts, out.zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
-        return out
+        """The histogram with its counts on the host (they are kept there: the same object)."""
+        self._flush()
+        return self
 
     def all_reduce(self) -> None:
+        """Sum the counts of every process (one collective, on the histogram's device; integer
+        counts sum exactly)."""
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():  # one collective; integer counts sum exactly
-            both = torch.cat([self.counts, self.zeros.unsqueeze(1)], dim=1)  # [layers, BINS + 1]
+        self._flush()
+        if dist.is_available() and dist.is_initialized():
+            both = torch.cat([self._counts, self._zeros.unsqueeze(1)], dim=1).to(self.device)  # [layers, BINS + 1]
             dist.all_reduce(both)
-            self.counts, self.zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
+            both = both.cpu()
+            self._counts, self._zeros = both[:, :-1].contiguous(), both[:, -1].contiguous()
 
 
 @dataclass

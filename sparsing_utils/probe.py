@@ -43,8 +43,9 @@ from torch import nn
 from .cett import (
     CETTCurve,
     NormHistogram,
-    all_finite,
+    activation_limits,
     cett_statistics,
+    compare_limits,
     host_to_device,
     interpolate_thresholds,
     l2_norm,
@@ -148,8 +149,21 @@ def _cat(pieces: list) -> torch.Tensor | ExpertRows:
     return ExpertRows.cat(pieces) if isinstance(pieces[0], ExpertRows) else torch.cat(pieces)
 
 
-def _finite(a: torch.Tensor | ExpertRows) -> torch.Tensor:  # 0-dim bool
-    return a.all_finite() if isinstance(a, ExpertRows) else all_finite(a)
+def _sum32(a: torch.Tensor | ExpertRows) -> torch.Tensor:  # 0-dim float32
+    """The sum of every entry in float32: non-finite iff an entry is NaN or inf (or the sum
+    overflows, which the caller reports the same way), checked on the host after a pass."""
+    if isinstance(a, ExpertRows):
+        pieces = [x.sum(dtype=torch.float32) for x in (*a.values, a.shared) if x is not None and x.numel()]
+        return torch.stack(pieces).sum() if pieces else torch.zeros((), device=a.values[0].device)
+    return a.sum(dtype=torch.float32)
+
+
+def _every_stride(x: torch.Tensor, blocks: int, stride: int) -> torch.Tensor:
+    """Rows ``stride - 1, 2 * stride - 1, ...`` of every block of ``x [blocks * block_len, ...]``
+    (:func:`curve_token_mask` of blocks without padding), as one copy: a strided view, no index
+    kernel (``index_select``'s first use in a process costs about 20 ms on an H200)."""
+    v = x.view(blocks, -1, *x.shape[1:])  # [blocks, block_len, ...]
+    return v[:, stride - 1::stride].reshape(-1, *x.shape[1:])
 
 
 def _histogram_add(hist: NormHistogram, layer: int, a: torch.Tensor | ExpertRows, device: torch.device,
@@ -241,6 +255,11 @@ class SparsityProbe:
         self.curve_tokens = int(curve_tokens)
         self.levels = torch.tensor(sorted(levels), dtype=torch.float64)
         self.col_norms = [s.column_norms() for s in self.sites]  # on the device of W_down
+        # On the host too (one copy per layer, here): every threshold's limits on |a| are computed there
+        # (cett.activation_limits, cett.compare_limits) and copied once per evaluation, for all layers.
+        self.host_col_norms = [cn.cpu() for cn in self.col_norms]
+        self._act_dtype = [s.weight_t().dtype if s.weight_t().is_floating_point() else torch.float32
+                           for s in self.sites]  # the dtype of a (that of W_down)
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
         if self.curve_tokens < 1:
@@ -260,6 +279,7 @@ class SparsityProbe:
         # every block (a block of the shortest length still gives one).
         self.curve_stride = max(1, int(min(math.ceil(self.n_tokens / self.curve_tokens), fewest[1])))
         self._curve_rows = curve_token_mask(mask, self.curve_stride)[mask.bool()]  # [local real tokens] bool
+        self._unpadded = bool(mask.bool().all())  # guide rows: every curve_stride-th row of each block
         self._acts: list | None = None  # memory mode: [tokens, d_ff] per layer (MoE layers: ExpertRows)
         self._ynorm: list[torch.Tensor] | None = None  # memory mode: [tokens] per layer
         self.sparse_passes = 0
@@ -269,14 +289,14 @@ class SparsityProbe:
         self._exact_points: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- passes ---------------------------------------------------------------------------
-    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(ids, mask)`` on the device and the mask on the CPU, batch by batch (copied through
-        pinned memory on CUDA: the host does not wait)."""
+    def _batches(self, blocks: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(ids, mask)`` on the device, then the ids and mask on the CPU, batch by batch (copied
+        through pinned memory on CUDA: the host does not wait)."""
         idx = list(range(self.input_ids.shape[0])) if blocks is None else list(blocks)
         for i in range(0, len(idx), self.batch_size):
             sel = idx[i:i + self.batch_size]
-            mask = self.attention_mask[sel]
-            yield host_to_device(self.input_ids[sel], self.device), host_to_device(mask, self.device), mask
+            ids, mask = self.input_ids[sel], self.attention_mask[sel]
+            yield host_to_device(ids, self.device), host_to_device(mask, self.device), ids, mask
 
     def _progress(self, desc: str, blocks: Sequence[int] | None = None):
         if not self.progress:
@@ -293,13 +313,17 @@ class SparsityProbe:
         ``rows`` (for the hooks) is moved to each batch before its forward; ``token_nll``, when
         given, receives each batch's ``[batch, block_len - 1]`` NLL (0 at padding). The host reads
         the device once, at the end (a NaN/inf loss makes the NLL sum non-finite, checked then)."""
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # NLL sum, predicted tokens
-        nll, count = sums[0], sums[1]
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)  # NLL sum
+        count = 0  # predicted tokens, counted on the host
         bar = self._progress(desc, blocks)
         try:
-            for ids, mask, cpu_mask in self._batches(blocks):
+            for ids, mask, cpu_ids, cpu_mask in self._batches(blocks):
                 if rows is not None:
                     rows.next_batch(cpu_mask, self.device)
+                if compute_loss:  # the targets, -100 (ignored: NLL 0) where a token or its context is padding
+                    valid = (cpu_mask[:, 1:] * cpu_mask[:, :-1]).bool()  # [batch, seq-1]
+                    count += int(valid.sum())
+                    target = host_to_device(cpu_ids[:, 1:].masked_fill(~valid, -100), self.device)
                 try:
                     out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 except _EnoughLayers:
@@ -308,22 +332,20 @@ class SparsityProbe:
                     out = None
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
-                    target = ids[:, 1:]
-                    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+                    target = target.to(logits.device)
                     # float32 first: one copy of the (non-contiguous) slice, not a copy and then a conversion
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                           reduction="none").view_as(target)
-                    loss = torch.where(valid, loss, torch.zeros_like(loss))
+                                           reduction="none", ignore_index=-100).view_as(target)
                     if token_nll is not None:
                         token_nll.append(loss)
                     nll += loss.double().sum().to(self.device)  # the head may sit on another GPU
-                    count += valid.sum().to(self.device)
                 del out
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
+        sums = torch.stack([nll, torch.tensor(float(count), dtype=torch.float64).to(self.device)])
         nll, count = _all_reduce(sums).tolist()
         if compute_loss and not math.isfinite(nll):  # a NaN/inf loss on any batch (of any process)
             raise FloatingPointError(
@@ -349,26 +371,40 @@ class SparsityProbe:
             return self
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
         ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
+        strided = self._unpadded  # stream mode: the guide rows of dense layers as strided copies
         guide = self._guide_rows_by_batch() if self.mode == "stream" else {}
         rows = TokenRows()
-        finite = torch.ones(len(self.sites), dtype=torch.bool, device=self.device)  # checked after the pass
+        sums: list[list[torch.Tensor]] = [[] for _ in self.sites]  # float32 sums of a, checked after the pass
 
         def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
             i = site.index
             av = rows(a)  # [tokens, d_ff] (MoE: ExpertRows)
-            finite[i] &= _finite(av).to(self.device)
+            sums[i].append(_sum32(av))
             yn = l2_norm(rows(y))  # [tokens]
             if self.mode == "memory":
                 acts[i].append(av.sorted() if isinstance(av, ExpertRows) else av)  # sorted once, for the statistics
                 ynorms[i].append(yn)
+            elif strided and not isinstance(av, ExpertRows):  # the guide rows of whole blocks: a strided copy
+                n = (rows.stop - rows.start) // self.input_ids.shape[1]  # blocks in this batch
+                acts[i].append(_every_stride(av, n, self.curve_stride))
+                ynorms[i].append(_every_stride(yn, n, self.curve_stride))
             else:  # keep only the guide tokens' rows (about curve_tokens in all)
                 sel = guide[rows.start, rows.stop]
                 acts[i].append(_take(av, sel))
                 ynorms[i].append(yn.index_select(0, sel.to(yn.device)))
 
         def check_activations():
-            if not all(finite.tolist()):
-                bad = self.sites[int((~finite).nonzero()[0])].name
+            flat = [x for layer in sums for x in layer]
+            if not flat:
+                return
+            ok = torch.isfinite(torch.stack([x.to(self.device) for x in flat]).cpu()).tolist()  # one copy
+            bad, k = None, 0
+            for site, layer in zip(self.sites, sums):
+                if not all(ok[k:k + len(layer)]):
+                    bad = site.name
+                    break
+                k += len(layer)
+            if bad is not None:
                 raise FloatingPointError(f"non-finite FFN activations at {bad}: the model produces NaN/inf on "
                                          "this input; load it in float32 (dtype='float32') or check the input ids")
 
@@ -390,11 +426,23 @@ class SparsityProbe:
         ynorms.clear()
         if self.mode == "memory":
             self._acts, self._ynorm = a_all, y_all
-            sel = host_to_device(self._curve_rows.nonzero().squeeze(1), self.device)  # one copy for all layers
-            a_all = [_take(a, sel) for a in a_all]
-            y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
+            n_blocks = self.input_ids.shape[0]
+            if self._unpadded:  # every curve_stride-th row of each block: strided copies, no index kernel
+                a_all = [_take(a, self._curve_index()) if isinstance(a, ExpertRows) else
+                         _every_stride(a, n_blocks, self.curve_stride) for a in a_all]
+                y_all = [_every_stride(y, n_blocks, self.curve_stride) for y in y_all]
+            else:
+                sel = self._curve_index()
+                a_all = [_take(a, sel) for a in a_all]
+                y_all = [y.index_select(0, sel.to(y.device)) for y in y_all]
         self.curve = self._guide_curve(a_all, y_all)
         return self
+
+    def _curve_index(self) -> torch.Tensor:
+        """The guide tokens' rows among this process's real tokens ``[m]``, on the device (one copy, cached)."""
+        if getattr(self, "_curve_index_dev", None) is None:
+            self._curve_index_dev = host_to_device(self._curve_rows.nonzero().squeeze(1), self.device)
+        return self._curve_index_dev
 
     def _guide_rows_by_batch(self, chosen: torch.Tensor | None = None) -> dict[tuple[int, int], torch.Tensor]:
         """Stream mode: for each batch of :meth:`_run` (keyed by its rows ``start, stop`` among
@@ -426,7 +474,7 @@ class SparsityProbe:
         hist.all_reduce()
         q = hist.cpu().quantiles(1 - self.levels).sort(dim=1).values  # [layers, K]
         grid = torch.cat([torch.zeros(len(self.sites), 1), q], dim=1)  # [layers, K+1] on the CPU
-        grid_dev = host_to_device(grid, self.device)
+        limits = self._limits(grid)  # [K+1, d_ff] per layer, on the device
         projs = self._sketch_projections()
         sums = torch.zeros(len(self.sites), grid.shape[1] + 1, dtype=torch.float64, device=self.device)
         # the guide token count of every layer in one copy (a Python number written into a device
@@ -436,12 +484,25 @@ class SparsityProbe:
         for site in self.sites:
             i = site.index
             sketch = sketch_weight(site.weight_t().detach(), self.sketch_dim, seed=i, proj=projs.get(i))
-            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid_dev[i].to(a[i].device), y_norm[i],
-                                  blocks=site.expert_blocks)
+            c, _ = cett_statistics(a[i], sketch, self.col_norms[i], grid[i], y_norm[i], blocks=site.expert_blocks,
+                                   limits=limits[i].to(y_norm[i].device), counts=False)
             sums[i, :-1] = c.to(self.device)
-        _all_reduce(sums)  # [layers, K+2]: CETT sums at the grid, then the guide token count
-        cett = sums[:, :-1] / sums[:, -1:].clamp_min(1)
-        return CETTCurve(grid, cett.float().cpu())
+        sums = _all_reduce(sums).cpu()  # [layers, K+2]: CETT sums at the grid, then the guide token count
+        return CETTCurve(grid, (sums[:, :-1] / sums[:, -1:].clamp_min(1)).float())
+
+    def _limits(self, eps: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's limits on ``|a|`` for thresholds ``eps [layers, M]`` (host):
+        :func:`~sparsing_utils.cett.activation_limits` made comparable in the activations' own dtype
+        (:func:`~sparsing_utils.cett.compare_limits`), computed on the host and copied to the device
+        in one transfer: ``[M, d_ff]`` per layer."""
+        flat = [compare_limits(activation_limits(cn, eps[i]), self._act_dtype[i]).float().reshape(-1)
+                for i, cn in enumerate(self.host_col_norms)]  # float32 holds every bf16/fp16 value exactly
+        dev = host_to_device(torch.cat(flat), self.device)
+        out, start = [], 0
+        for i, f in enumerate(flat):
+            out.append(dev[start:start + f.numel()].view(eps.shape[1], -1).to(self._act_dtype[i]))
+            start += f.numel()
+        return out
 
     def _sketch_projections(self) -> dict[int, torch.Tensor]:
         """Every layer's :func:`~sparsing_utils.cett.sketch_projection` (seed: the layer index) on
@@ -465,15 +526,15 @@ class SparsityProbe:
         mode, before :meth:`release`); otherwise runs a dense pass and accumulates inside the hooks.
         Every layer sees every real token, so ``tokens`` is the probe's token count."""
         layers, m = eps.shape
-        cett_sum = torch.zeros(layers, m, dtype=torch.float64, device=self.device)
+        parts: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # [M] float64 sums per batch, per layer
         self.cett_evaluations += 1
-        eps_dev = host_to_device(eps, self.device)  # one copy for all layers, before any hook runs
+        limits = self._limits(eps)  # one copy for all layers, before any hook runs
 
         def add(site: FFNSite, a: torch.Tensor | ExpertRows, y_norm: torch.Tensor) -> None:  # a [tokens, d_ff]
             i = site.index
-            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps_dev[i].to(a.device), y_norm,
-                                  blocks=site.expert_blocks)
-            cett_sum[i] += c.to(self.device)
+            c, _ = cett_statistics(a, site.weight_t().detach(), self.col_norms[i], eps[i], y_norm,
+                                   blocks=site.expert_blocks, limits=limits[i].to(y_norm.device), counts=False)
+            parts[i].append(c.to(self.device))
 
         todo = todo.tolist()
         needed = {s.index for s in self.sites if todo[s.index]}  # todo as Python bools: no per-layer read
@@ -499,7 +560,8 @@ class SparsityProbe:
             with read_activations(self.model, read, sites=self.sites, with_output=True, compact=True):
                 self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
             self.dense_passes += 1
-        _all_reduce(cett_sum)
+        zero = torch.zeros(m, dtype=torch.float64, device=self.device)
+        cett_sum = _all_reduce(torch.stack([torch.stack(p).sum(dim=0) if p else zero for p in parts]))  # [layers, M]
         tokens = torch.full((layers, 1), float(max(1, self.n_tokens)), dtype=torch.float64)
         return cett_sum.cpu(), tokens
 
@@ -591,24 +653,29 @@ class SparsityProbe:
 
         def count(site: FFNSite, n: torch.Tensor):  # n [batch, seq]: activated neurons of each token
             counts = rows(n).to(self.device)  # [tokens]
-            active[site.index] += counts.sum(dtype=torch.float64)
+            if per_tok is not None:  # the counts themselves (a copy): summed and scaled after the pass
+                per_tok[site.index, rows.start:rows.stop] = counts
+            else:
+                active[site.index] += counts.sum(dtype=torch.float64)
             if moe:
                 ran[site.index] += rows(site.ran_neurons(n.unsqueeze(-1))).to(self.device).sum(dtype=torch.float64)
-            if per_tok is not None:
-                per_tok[site.index, rows.start:rows.stop] = counts / site.d_ff
 
         # NaN/inf shows in the loss, which _run checks: no per-layer synchronisation here.
         token_nll: list[torch.Tensor] = []
         with apply_rule(self.model, rule, sites=self.sites, count=count, check_finite=False,
-                        col_norms=self.col_norms):
+                        col_norms=self.col_norms, host_col_norms=self.host_col_norms):
             nll, count = self._run(f"sparse pass ({self.name})", rows, token_nll=token_nll)
         self.sparse_passes += 1
+        if per_tok is not None:
+            active = per_tok.double().sum(dim=1)  # [layers] integer counts: exact in any order
         active, ran = _all_reduce(torch.stack([active, ran])).cpu()  # one collective, one copy to the host
         d_ff = torch.tensor([s.d_ff for s in self.sites], dtype=torch.float64)
         layer_active = (active / (self.n_tokens * d_ff)).float()
         layer_ran = (active / ran.clamp_min(1)).float() if moe else None
-        return PassStats(nll, count, layer_active, per_tok.half().cpu() if per_tok is not None else None, layer_ran,
-                         token_nll=torch.cat(token_nll).float().cpu())
+        token_active = None
+        if per_tok is not None:  # [layers, tokens] activated fraction, scaled on the host
+            token_active = (per_tok.cpu() / d_ff.float().unsqueeze(1)).half()
+        return PassStats(nll, count, layer_active, token_active, layer_ran, token_nll=torch.cat(token_nll).float().cpu())
 
     def gate_histogram(self, tokens: int = 1024) -> NormHistogram:
         """Histogram of every layer's gate scores ``|act(W_gate x)|`` (``|a|`` for plain FFNs: the

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cett import activation_limits, host_to_device
+from .cett import activation_limits, compare_limits, host_to_device
 from .ffn import FFNSite, edit_activations, find_ffn_sites
 from .moe import ExpertRows, routed_top_k
 
@@ -68,10 +68,12 @@ class SparsityRule:
         keep = self.keep(site, a, gate, col_norms)  # [..., d_ff] bool
         return a * keep, keep
 
-    def bind(self, sites: Sequence[FFNSite], col_norms: dict[int, torch.Tensor]) -> None:
+    def bind(self, sites: Sequence[FFNSite], col_norms: dict[int, torch.Tensor],
+             host_col_norms: dict[int, torch.Tensor] | None = None) -> None:
         """Called by :func:`apply_rule` before the forward: put on the device what :meth:`keep`
         needs for every layer, so that no hook copies from the host (each such copy makes the
-        host wait for the device). Nothing to do by default."""
+        host wait for the device). ``host_col_norms``: the same norms on the host, when the caller
+        has them. Nothing to do by default."""
 
     def describe(self) -> dict:
         return {"rule": self.name}
@@ -93,13 +95,19 @@ class CETTRule(SparsityRule):
         self.thresholds = t
         self._limits: dict[int, torch.Tensor] = {}
 
-    def bind(self, sites, col_norms):
+    def bind(self, sites, col_norms, host_col_norms=None):
         """Every layer's limits on ``|a|``, on the device of its ``W_down``: one copy of all
-        thresholds per device, before the forward."""
+        thresholds per device, before the forward. With ``host_col_norms`` the limits are computed
+        on the host, in float32 and made comparable in the dtype of ``W_down``
+        (:func:`~sparsing_utils.cett.compare_limits`: the same decisions, no float32 copy of ``a``),
+        and copied in one transfer per device."""
         need = 1 + max((s.index for s in sites), default=-1)
         if len(self.thresholds) < need:
             raise ValueError(f"the CETT rule has {len(self.thresholds)} thresholds, the model {need} FFN layers: "
                              "give one threshold per layer")
+        if host_col_norms is not None:
+            self._bind_on_host(sites, col_norms, host_col_norms)
+            return
         on_device: dict[torch.device, torch.Tensor] = {}
         for site in sites:
             cn = col_norms[site.index]
@@ -111,6 +119,21 @@ class CETTRule(SparsityRule):
             eps = on_device[cn.device][site.index : site.index + 1]
             self._limits[site.index] = activation_limits(cn, eps)[0]  # [d_ff], as keep() computes it
 
+    def _bind_on_host(self, sites, col_norms, host_col_norms):
+        by_device: dict[torch.device, list] = {}
+        for site in sites:
+            dtype = site.weight_t().dtype
+            dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+            lim = compare_limits(activation_limits(host_col_norms[site.index], self.thresholds[site.index:site.index + 1]),
+                                 dtype)[0]  # [d_ff] on the host
+            by_device.setdefault(col_norms[site.index].device, []).append((site.index, lim.float(), dtype))
+        for device, items in by_device.items():
+            flat = host_to_device(torch.cat([lim for _, lim, _ in items]), device)  # float32 holds them exactly
+            start = 0
+            for index, lim, dtype in items:
+                self._limits[index] = flat[start:start + lim.numel()].to(dtype)
+                start += lim.numel()
+
     def _limits_of(self, site, col_norms, device) -> torch.Tensor:  # [d_ff]
         # |a_i| * ||W_down[:, i]|| > eps_l, as |a_i| > eps_l / ||W_down[:, i]|| (cett.activation_limits)
         limits = self._limits.get(site.index)
@@ -119,17 +142,24 @@ class CETTRule(SparsityRule):
             self._limits[site.index] = limits
         return limits
 
+    def _for(self, site, col_norms, a) -> torch.Tensor:  # [d_ff], in a's dtype when made comparable in it
+        limits = self._limits_of(site, col_norms, a.device)
+        if limits.dtype != torch.float32 and limits.dtype != a.dtype:  # bound for another dtype: exact float32
+            limits = activation_limits(col_norms, self.thresholds[site.index:site.index + 1])[0].to(a.device)
+            self._limits[site.index] = limits
+        return limits
+
     def keep(self, site, a, gate, col_norms):
-        return a.abs() > self._limits_of(site, col_norms, a.device)  # [..., d_ff]
+        return a.abs() > self._for(site, col_norms, a)  # [..., d_ff]
 
     def keep_columns(self, site, a, gate, col_norms, cols):
-        return a.abs() > self._limits_of(site, col_norms, a.device)[cols]  # [rows, width]
+        return a.abs() > self._for(site, col_norms, a)[cols]  # [rows, width]
 
     def sparsify(self, site, a, gate, col_norms):
         # the product is written over |a| (no longer needed once compared): one full-size temporary
         # fewer than keep() then a * keep, with the same values (benchmarks/bench_rule_edit.py)
         mag = a.abs()  # [..., d_ff]
-        keep = mag > self._limits_of(site, col_norms, a.device)
+        keep = mag > self._for(site, col_norms, a)
         return torch.mul(a, keep, out=mag), keep
 
     def describe(self):
@@ -258,7 +288,8 @@ Counter = Callable[[FFNSite, torch.Tensor], None]  # (site, activated neurons pe
 @contextlib.contextmanager
 def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite] | None = None,
                record: Recorder | None = None, count: Counter | None = None,
-               check_finite: bool = True, col_norms: Sequence[torch.Tensor] | None = None) -> Iterator[list[FFNSite]]:
+               check_finite: bool = True, col_norms: Sequence[torch.Tensor] | None = None,
+               host_col_norms: Sequence[torch.Tensor] | None = None) -> Iterator[list[FFNSite]]:
     """Run ``model`` with the non-activated entries of ``a`` set to zero.
 
     ``record(site, keep)`` (optional) sees every layer's boolean mask ``[batch, seq, d_ff]``, for
@@ -267,13 +298,14 @@ def apply_rule(model: nn.Module, rule: SparsityRule, *, sites: Sequence[FFNSite]
     full-width mask. ``check_finite`` raises on NaN/inf activations (one device synchronisation
     per layer; callers that check the loss instead turn it off). ``col_norms``: each layer's
     ``||W_down[:, i]||`` (:meth:`FFNSite.column_norms`, by site index), computed here when not
-    given. The rule puts what it needs on the device before the forward (:meth:`SparsityRule.bind`).
+    given; ``host_col_norms`` the same on the host, if the caller keeps them (the rule's limits are then
+    computed there). The rule puts what it needs on the device before the forward (:meth:`SparsityRule.bind`).
     Hooks are removed on exit, also after an exception.
     """
     sites = list(sites) if sites is not None else find_ffn_sites(model)
     # on the device of W_down; a caller that applies many rules passes them (computed once)
     norms = {s.index: s.column_norms() if col_norms is None else col_norms[s.index] for s in sites}
-    rule.bind(sites, norms)
+    rule.bind(sites, norms, None if host_col_norms is None else {s.index: host_col_norms[s.index] for s in sites})
 
     def non_finite(site: FFNSite):
         return FloatingPointError(
