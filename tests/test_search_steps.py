@@ -147,6 +147,19 @@ def test_crossing_is_exact_on_a_noiseless_power_law(slope):
                                           rel=1e-9)
 
 
+def test_first_step_from_a_ratio_within_its_noise():
+    """A lone first point whose excess (0.0009) is below the standard error of its log ratio against
+    the dense pass (0.003) counts as that much excess: the step follows the prior slope from 0.003,
+    not from 0.0009 (the H200 case of issue 10, where the step went from c = 0.1 to 0.26)."""
+    pts, target = [(0.1, 1.0009)], 1.01
+    floor = 0.003 * 1.0009  # of the ratio
+    want = 0.1 * (0.01 / floor) ** (1 / PRIOR_SLOPE)
+    assert _next_c(pts, target, 0.999, [0.0], [0.003]) == pytest.approx(want, rel=1e-9)
+    assert _next_c(pts, target, 0.999, [0.0]) == pytest.approx(0.1 * (0.01 / 0.0009) ** (1 / PRIOR_SLOPE), rel=1e-9)
+    # an excess above its floor is unchanged by it
+    assert _next_c([(0.1, 1.004)], target, 0.999, [0.0], [0.001]) == _next_c([(0.1, 1.004)], target, 0.999, [0.0])
+
+
 def test_next_c_steps_off_evaluated_points_and_inside_brackets():
     pts = [(0.1, 1.002), (0.3, 1.03)]
     c = _next_c(pts, 1.01, 0.999)
