@@ -164,10 +164,12 @@ def _crossing(points: list[tuple[float, float]], errors: list[float], target: fl
     least 1e-4 of the ratio) plus the curvature term; the slope is shrunk towards
     :data:`PRIOR_SLOPE` (a prior of precision 1) and kept in [0.5, 8]. ``None`` when no point
     has ratio > 1. ``floors``: each point's standard error of its log ratio against the dense
-    pass; an excess ``ratio - 1`` below it says only that the degradation is at most about that
-    much, and counts as that much (issue 10: on a self-sampled random model the first point,
-    c = 0.1, measured 1.0009 with a standard error of 0.003, and the step from the excess
-    0.0009 went to c = 0.26, where the ratio was 1.021).
+    pass; at a point far below the target (excess ``ratio - 1`` under half the target's) an
+    excess below it says only that the degradation is at most about that much, and counts as
+    that much (issue 10: on a self-sampled random model the first point, c = 0.1, measured 1.0009
+    with a standard error of 0.003, and the step from the excess 0.0009 went to c = 0.26, where
+    the ratio was 1.021). Near the target the measured excess is kept: flooring it there would
+    bias the points the last steps rest on.
     """
     y_star = math.log(target - 1.0)
     data = []
@@ -176,7 +178,7 @@ def _crossing(points: list[tuple[float, float]], errors: list[float], target: fl
         if r <= 1.0:
             continue
         noise = r * max(se, 1e-4)  # of the ratio
-        excess = max(r - 1.0, noise, r * floor)
+        excess = max(r - 1.0, noise, r * floor if r - 1.0 < 0.5 * (target - 1.0) else 0.0)
         y = math.log(excess)
         data.append((math.log(c), y, 1.0 / ((noise / excess) ** 2 + (CURVATURE * (y - y_star)) ** 2)))
     if not data:

@@ -156,8 +156,9 @@ def test_first_step_from_a_ratio_within_its_noise():
     want = 0.1 * (0.01 / floor) ** (1 / PRIOR_SLOPE)
     assert _next_c(pts, target, 0.999, [0.0], [0.003]) == pytest.approx(want, rel=1e-9)
     assert _next_c(pts, target, 0.999, [0.0]) == pytest.approx(0.1 * (0.01 / 0.0009) ** (1 / PRIOR_SLOPE), rel=1e-9)
-    # an excess above its floor is unchanged by it
+    # an excess above its floor is unchanged by it, and so is one near the target (over half its excess)
     assert _next_c([(0.1, 1.004)], target, 0.999, [0.0], [0.001]) == _next_c([(0.1, 1.004)], target, 0.999, [0.0])
+    assert _next_c([(0.1, 1.008)], target, 0.999, [0.0], [0.02]) == _next_c([(0.1, 1.008)], target, 0.999, [0.0])
 
 
 def test_next_c_steps_off_evaluated_points_and_inside_brackets():
