@@ -123,9 +123,15 @@ def activation_limits(col_norms: torch.Tensor, thresholds: torch.Tensor) -> torc
 
     Every rule in the package (search, statistics, inference) compares ``|a|`` with these limits,
     so a neuron on the boundary is treated the same everywhere, with no float32 copy of ``a``.
+    Several layers at once: ``col_norms [layers, d_ff]`` and ``thresholds [layers, K]`` give
+    ``[layers, K, d_ff]``, each layer's the same values as alone.
     """
-    cn = col_norms.float().reshape(1, -1)  # [1, d_ff]
-    eps = thresholds.float().reshape(-1, 1).to(cn.device)  # [K, 1]
+    if col_norms.dim() == 2:  # [layers, d_ff], thresholds [layers, K]
+        cn = col_norms.float().unsqueeze(1)  # [layers, 1, d_ff]
+        eps = thresholds.float().reshape(col_norms.shape[0], -1, 1).to(cn.device)  # [layers, K, 1]
+    else:
+        cn = col_norms.float().reshape(1, -1)  # [1, d_ff]
+        eps = thresholds.float().reshape(-1, 1).to(cn.device)  # [K, 1]
     return torch.where(cn > 0, eps / cn.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(cn, math.inf))
 
 

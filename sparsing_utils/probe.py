@@ -260,6 +260,8 @@ class SparsityProbe:
         self.host_col_norms = [cn.cpu() for cn in self.col_norms]
         self._act_dtype = [s.weight_t().dtype if s.weight_t().is_floating_point() else torch.float32
                            for s in self.sites]  # the dtype of a (that of W_down)
+        same = len({cn.numel() for cn in self.host_col_norms}) == 1 and len(set(self._act_dtype)) == 1
+        self._stacked_col_norms = torch.stack(self.host_col_norms) if same else None  # [layers, d_ff]: one op for all
         self.dense: PassStats | None = None
         self.curve: CETTCurve | None = None
         if self.curve_tokens < 1:
@@ -495,8 +497,12 @@ class SparsityProbe:
         :func:`~sparsing_utils.cett.activation_limits` made comparable in the activations' own dtype
         (:func:`~sparsing_utils.cett.compare_limits`), computed on the host and copied to the device
         in one transfer: ``[M, d_ff]`` per layer."""
-        flat = [compare_limits(activation_limits(cn, eps[i]), self._act_dtype[i]).float().reshape(-1)
-                for i, cn in enumerate(self.host_col_norms)]  # float32 holds every bf16/fp16 value exactly
+        if self._stacked_col_norms is not None:  # every layer alike: one set of host operations
+            lim = compare_limits(activation_limits(self._stacked_col_norms, eps), self._act_dtype[0])  # [L, M, d_ff]
+            flat = list(lim.float().reshape(len(self.sites), -1))
+        else:
+            flat = [compare_limits(activation_limits(cn, eps[i]), self._act_dtype[i]).float().reshape(-1)
+                    for i, cn in enumerate(self.host_col_norms)]  # float32 holds every bf16/fp16 value exactly
         dev = host_to_device(torch.cat(flat), self.device)
         out, start = [], 0
         for i, f in enumerate(flat):

@@ -120,12 +120,17 @@ class CETTRule(SparsityRule):
             self._limits[site.index] = activation_limits(cn, eps)[0]  # [d_ff], as keep() computes it
 
     def _bind_on_host(self, sites, col_norms, host_col_norms):
+        dtypes = [site.weight_t().dtype for site in sites]
+        dtypes = [d if d in (torch.bfloat16, torch.float16) else torch.float32 for d in dtypes]
+        if len(set(dtypes)) == 1 and len({host_col_norms[s.index].numel() for s in sites}) == 1:  # one set of ops
+            index = torch.tensor([s.index for s in sites])
+            cn = torch.stack([host_col_norms[s.index] for s in sites])  # [layers, d_ff]
+            limits = list(compare_limits(activation_limits(cn, self.thresholds[index].unsqueeze(1)), dtypes[0])[:, 0])
+        else:
+            limits = [compare_limits(activation_limits(host_col_norms[s.index], self.thresholds[s.index:s.index + 1]),
+                                     d)[0] for s, d in zip(sites, dtypes)]  # [d_ff] each, on the host
         by_device: dict[torch.device, list] = {}
-        for site in sites:
-            dtype = site.weight_t().dtype
-            dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-            lim = compare_limits(activation_limits(host_col_norms[site.index], self.thresholds[site.index:site.index + 1]),
-                                 dtype)[0]  # [d_ff] on the host
+        for site, lim, dtype in zip(sites, limits, dtypes):
             by_device.setdefault(col_norms[site.index].device, []).append((site.index, lim.float(), dtype))
         for device, items in by_device.items():
             flat = host_to_device(torch.cat([lim for _, lim, _ in items]), device)  # float32 holds them exactly
