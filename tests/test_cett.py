@@ -16,12 +16,16 @@ import torch
 from sparsing_utils.cett import (
     CETTCurve,
     NormHistogram,
+    activation_limits,
     cett_per_token,
     cett_statistics,
+    compare_limits,
     interpolate_thresholds,
     neuron_norms,
+    nonzero_norms,
     refine_thresholds,
     truncated_norms,
+    truncated_statistics,
 )
 from sparsing_utils.rules import CETTRule
 
@@ -279,6 +283,84 @@ def test_norm_histogram_quantiles_within_one_bin():
             assert v <= float(higher[k]) * bin_ratio * (1 + 1e-6), (i, lev, v, float(higher[k]))
     # the zero count is kept apart
     assert float(hist.zeros[1]) == 3000 and float(hist.zeros[0]) == 0
+
+
+def test_norm_histogram_counts_every_entry_in_its_bin():
+    """Brute force: every entry's bin is floor((log10 x - LOG_MIN) / width), entries below 1e-12 (but
+    not zero) in the first bin, above 1e6 in the last, exact zeros apart; chunks of more than CHUNK
+    entries are split (float32 counts stay exact)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.exp(torch.randn(20011, generator=g, dtype=torch.float64) * 4).float()  # [n] many decades
+    x[:37] = 0.0
+    x[37:41] = torch.tensor([1e-20, 3e-13, 2e7, 1e9])  # out of range on both sides
+    hist = NormHistogram(1)
+    hist.CHUNK = 4096  # several histc calls per add
+    hist.add(0, x.view(-1, 1))
+    h = NormHistogram
+    width = (h.LOG_MAX - h.LOG_MIN) / h.BINS
+    pos = x[x > 0].double()
+    idx = ((pos.log10() - h.LOG_MIN) / width).floor().clamp(0, h.BINS - 1).long()
+    want = torch.bincount(idx, minlength=h.BINS).double()
+    got = hist.counts[0]
+    assert float(hist.zeros[0]) == 37 and float(got.sum()) == pos.numel()
+    assert float(got[0]) == float(want[0]) >= 2 and float(got[-1]) == float(want[-1]) >= 2
+    # float32 log10 may put an entry within rounding of a bin edge into the neighbouring bin
+    moved = (got - want).abs().sum() / 2
+    assert float(moved) <= 3, float(moved)
+
+
+def test_compare_limits_same_decision_as_float32():
+    """For every bf16 / fp16 value x and float32 limit L: x > L iff x > compare_limits(L) (exhaustive
+    over the 65,536 bit patterns of the half-precision type, for limits between, on and around them)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+        x = torch.arange(-32768, 32768, dtype=torch.int32).to(bits).view(dtype)
+        x = x[torch.isfinite(x.float())]  # [values] every finite value of the type
+        mags = x.float().abs()
+        limits = torch.cat([mags[torch.randint(0, len(mags), (40,), generator=g)],  # on a value
+                            mags[torch.randint(0, len(mags), (40,), generator=g)] * (1 + 1e-3),  # between
+                            torch.rand(40, generator=g) * 10,
+                            torch.tensor([0.0, 1e-40, 7e4, 1e30, 4e38, math.inf])])  # [K] float32
+        low = compare_limits(limits, dtype)
+        assert low.dtype == dtype
+        for lim, lo in zip(limits, low):
+            assert torch.equal(x.float() > lim, x > lo), (dtype, float(lim), float(lo))
+            assert torch.equal(x.float().abs() <= lim, x.abs() <= lo)
+    assert compare_limits(limits, torch.float32) is limits
+
+
+def test_activation_limits_of_several_layers_equal_each_alone():
+    g = torch.Generator().manual_seed(1)
+    cn = torch.rand(4, 11, generator=g)
+    cn[2, 3] = 0.0  # a zero column: never activated
+    eps = torch.rand(4, 3, generator=g)
+    both = activation_limits(cn, eps)
+    assert both.shape == (4, 3, 11)
+    for i in range(4):
+        assert torch.equal(both[i], activation_limits(cn[i], eps[i]))
+    assert math.isinf(float(both[2, 0, 3]))
+
+
+def test_statistics_with_given_limits_and_without_counts():
+    """truncated_statistics with limits made on the host (compare_limits of the activations' dtype)
+    and counts=False gives the same norms as computing them itself."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(TOKENS, D_FF, generator=g).to(torch.bfloat16)
+    w_t = torch.randn(D_FF, D_MODEL, generator=g)
+    cn = w_t.float().pow(2).sum(1).sqrt()
+    eps = torch.tensor([0.0, 0.3, 1.1])
+    want, kept = truncated_statistics(a, w_t, cn, eps)
+    got, none = truncated_statistics(a, w_t, cn, eps, limits=compare_limits(activation_limits(cn, eps), a.dtype),
+                                     counts=False)
+    assert none is None and kept is not None and torch.equal(got, want)
+
+
+def test_nonzero_norms_divide_like_the_norms():
+    """Bitwise the quotients of the former where(y > 0, num / y.clamp_min(tiny), 0), 0 where y = 0."""
+    y = torch.tensor([0.0, 1e-30, 2.5, 3.0, 7e-3])
+    num = torch.tensor([0.0, 1e-31, 1.0, 3.0, 1e-3])
+    before = torch.where(y > 0, num / y.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+    assert torch.equal(num / nonzero_norms(y), before)
 
 
 def test_interpolate_thresholds_on_known_curve():

@@ -226,6 +226,19 @@ def test_guide_tokens_are_chosen_inside_each_block():
     assert torch.equal(curve_token_mask(mask, 1), mask.bool())
 
 
+@pytest.mark.parametrize("stride", [1, 3, 7])
+def test_guide_rows_of_whole_blocks_as_a_strided_copy(stride):
+    """Blocks without padding: the guide rows taken by a strided view (no index kernel) are those of
+    curve_token_mask, in the same order, for a [tokens, d] and a [tokens] tensor."""
+    from sparsing_utils.probe import _every_stride, curve_token_mask
+
+    mask = torch.ones(5, 14, dtype=torch.long)
+    x = torch.randn(70, 3)
+    want = x[curve_token_mask(mask, stride).reshape(-1)]
+    assert torch.equal(_every_stride(x, 5, stride), want)
+    assert torch.equal(_every_stride(x[:, 0].contiguous(), 5, stride), want[:, 0])
+
+
 def test_guide_stride_is_capped_by_the_shortest_block():
     """41 blocks of 5 tokens and curve_tokens=10: the stride would be ceil(205 / 10) = 21, more
     than a block holds; it is capped at 5 so that every block still gives one guide token, and
