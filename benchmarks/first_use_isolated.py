@@ -61,7 +61,7 @@ OPS = {
     "log2 f32": "x32.abs().log2()",
     "gather f32": "logits.gather(1, target.unsqueeze(1))",
     "index_add_ f64": "torch.zeros(4608, dtype=torch.float64, device=dev).index_add_(0, idx, x64[:idx.numel()])",
-    "index_add_ f32": "torch.zeros(4608, device=dev).index_add_(0, idx, x32.reshape(-1)[:idx.numel()])",
+    "index_add_ f32": "torch.zeros(4608, device=dev).index_add_(0, idx[:x32.numel()], x32.reshape(-1))",
     "index_add_ i32": "torch.zeros(4608, dtype=torch.int32, device=dev).index_add_(0, idx, ints[:idx.numel()])",
     "scatter_add_ f64": "torch.zeros(4608, dtype=torch.float64, device=dev).scatter_add_(0, idx, x64[:idx.numel()])",
     "bincount": "torch.bincount(idx, minlength=4608)",
