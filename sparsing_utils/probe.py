@@ -492,6 +492,11 @@ class SparsityProbe:
         sums = _all_reduce(sums).cpu()  # [layers, K+2]: CETT sums at the grid, then the guide token count
         return CETTCurve(grid, (sums[:, :-1] / sums[:, -1:].clamp_min(1)).float())
 
+    def _limits_of_layer(self, i: int, eps: torch.Tensor) -> torch.Tensor:
+        """:meth:`_limits` of one layer, ``eps [1, M]`` (host) -> ``[M, d_ff]`` on the device: the same values."""
+        lim = compare_limits(activation_limits(self.host_col_norms[i], eps[0]), self._act_dtype[i]).float()
+        return host_to_device(lim, self.device).to(self._act_dtype[i])
+
     def _limits(self, eps: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's limits on ``|a|`` for thresholds ``eps [layers, M]`` (host):
         :func:`~sparsing_utils.cett.activation_limits` made comparable in the activations' own dtype
@@ -629,9 +634,70 @@ class SparsityProbe:
             seen.append((torch.where(active, eps.cpu(), torch.nan), torch.where(active, cett.float(), torch.nan)))
             return cett
 
-        eps, cett, _ = refine_thresholds(evaluate, self._known_curve(), float(c), tol=tol)
+        if self._refine_inside_hooks():
+            eps, cett = self._refine_in_one_pass(float(c), tol, seen)
+        else:
+            eps, cett, _ = refine_thresholds(evaluate, self._known_curve(), float(c), tol=tol)
         self._exact_points.extend(seen)
         self._threshold_cache[key] = (eps, cett)
+        return eps, cett
+
+    def _refine_inside_hooks(self) -> bool:
+        """Without stored activations (stream mode, or after :meth:`release`), on one process, with
+        every block in one batch: each layer's hook sees all of its tokens at once, so it can run the
+        whole refinement of its threshold there (issue 10: one dense pass per target instead of one
+        per round of evaluations)."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        return self._acts is None and not distributed and self.input_ids.shape[0] <= self.batch_size
+
+    def _refine_in_one_pass(self, c: float, tol: float,
+                            seen: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~sparsing_utils.cett.refine_thresholds` of every layer inside its hook, in one dense
+        pass stopped after the last layer. Each layer's refinement reads only its own curve and
+        evaluations, so its rounds are those of the batched refinement (the same thresholds and CETT,
+        bitwise); ``seen`` receives the evaluations as the batched rounds would (one ``[layers]``
+        column per round, NaN for the layers already done). The host reads the device once per round
+        and layer, inside the forward."""
+        curve = self._known_curve()
+        found: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
+        rows = TokenRows()
+        tokens = float(max(1, self.n_tokens))
+
+        def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
+            i = site.index
+            av, yn = rows(a), l2_norm(rows(y))  # [tokens, d_ff] (MoE: ExpertRows), [tokens]
+            w_t = site.weight_t().detach()
+            points: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def evaluate(eps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:  # [1] -> [1]
+                e = eps.reshape(1).float().cpu()
+                limits = self._limits_of_layer(i, e.reshape(1, 1)).to(yn.device)  # [1, d_ff]
+                total, _ = cett_statistics(av, w_t, self.col_norms[i], e, yn, blocks=site.expert_blocks,
+                                           limits=limits, counts=False)
+                cett = total.reshape(1).cpu() / tokens  # float64, as _cett_sums' sums / token count
+                points.append((e, cett.float()))
+                return cett
+
+            layer_curve = CETTCurve(curve.eps[i:i + 1], curve.cett[i:i + 1])
+            eps, cett, _ = refine_thresholds(evaluate, layer_curve, c, tol=tol)
+            found[i] = (eps, cett, points)
+            if len(found) == len(self.sites):  # the rest of the forward is not needed
+                raise _EnoughLayers
+
+        with read_activations(self.model, read, sites=self.sites, with_output=True, compact=True):
+            self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
+        self.dense_passes += 1
+        rounds = max(len(found[s.index][2]) for s in self.sites)
+        self.cett_evaluations += rounds
+        nan = torch.tensor([math.nan])
+        for r in range(rounds):  # the columns the batched rounds record
+            pts = [found[s.index][2] for s in self.sites]
+            seen.append((torch.cat([p[r][0] if r < len(p) else nan for p in pts]),
+                         torch.cat([p[r][1] if r < len(p) else nan for p in pts])))
+        eps = torch.cat([found[s.index][0] for s in self.sites])
+        cett = torch.cat([found[s.index][1] for s in self.sites])
         return eps, cett
 
     def _known_curve(self) -> CETTCurve:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -225,3 +226,45 @@ def test_stream_statistics_stop_after_the_last_layer_needed(trained_llama):
     assert torch.allclose(s_all / t_all, m / tm, atol=1e-6)
     assert torch.allclose((s / t)[0], (m / tm)[0], atol=1e-6)
     assert float(s[1, 0]) == 0.0  # not computed
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_stream_refines_every_layer_in_one_pass(padded):
+    """Stream mode with every block in one batch refines each layer's threshold inside its hook: one
+    dense pass per target instead of one per round of evaluations, with bitwise the thresholds, CETT,
+    evaluation count and recorded exact points of memory mode (and of stream mode in several batches,
+    which keeps a pass per round). A random Llama of odd sizes, one block padded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=131, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(6)
+    blocks = SimpleNamespace(input_ids=torch.randint(0, 211, (5, 41), generator=g))
+    blocks.attention_mask = torch.ones_like(blocks.input_ids)
+    if padded:
+        blocks.attention_mask[3, 30:] = 0
+    probes = {"memory": SparsityProbe(model, blocks, mode="memory", batch_size=5, curve_tokens=40),
+              "one pass": SparsityProbe(model, blocks, mode="stream", batch_size=5, curve_tokens=40),
+              "batches": SparsityProbe(model, blocks, mode="stream", batch_size=2, curve_tokens=40)}
+    for p in probes.values():
+        p.prepare()
+    assert probes["one pass"]._refine_inside_hooks() and not probes["batches"]._refine_inside_hooks()
+    assert not probes["memory"]._refine_inside_hooks()
+    for c in (0.1, 0.08, 0.3):
+        out = {k: p.thresholds_for(c) for k, p in probes.items()}
+        k = "one pass"
+        assert torch.equal(out[k][0], out["memory"][0]) and torch.equal(out[k][1], out["memory"][1]), c
+        assert probes[k].cett_evaluations == probes["memory"].cett_evaluations
+        for (e0, c0), (e1, c1) in zip(probes["memory"]._exact_points, probes[k]._exact_points, strict=True):
+            assert torch.equal(e0.isnan(), e1.isnan()) and torch.equal(e0.nan_to_num(), e1.nan_to_num())
+            assert torch.equal(c0.nan_to_num(), c1.nan_to_num())
+        # several batches sum each layer's CETT batch by batch: the same to float64 rounding
+        assert torch.allclose(out["batches"][1], out["memory"][1], rtol=0, atol=1e-6)
+        if c < 0.3:  # (at 0.3 one layer of this small model stops at 1.4e-4 after the 8 rounds refine allows)
+            assert float((out["memory"][1] - c).abs().max()) <= 1e-4
+    rounds = probes["memory"].cett_evaluations
+    assert rounds > 3  # some target took more than one round
+    assert probes["one pass"].dense_passes == 1 + 3  # prepare, then one per target
+    assert probes["batches"].dense_passes == 1 + probes["batches"].cett_evaluations >= 1 + rounds
