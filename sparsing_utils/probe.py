@@ -17,7 +17,9 @@ Two modes: ``"memory"`` keeps every layer's ``a`` (fastest; memory grows with la
 tokens); ``"stream"`` keeps only the guide tokens' activations (about ``curve_tokens x d_ff``
 per layer) and recomputes the dense pass (up to the last layer still needed) whenever exact CETT
 statistics are needed,
-accumulating them chunk by chunk inside the hooks (peak memory does not grow with the budget). A memory-mode probe whose activations were dropped with
+accumulating them chunk by chunk inside the hooks (peak memory does not grow with the budget); when
+every block fits one batch on one process, :meth:`SparsityProbe.thresholds_for` refines each layer's
+threshold to the end inside its hook, one dense pass per target. A memory-mode probe whose activations were dropped with
 :meth:`SparsityProbe.release` computes further statistics as stream mode does.
 
 Under ``torch.distributed`` each rank holds its own shard of the blocks (any split: strided,
