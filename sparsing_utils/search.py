@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .probe import PassStats, SparsityProbe, _all_reduce
+from .passes import PassStats, _all_reduce
+from .probe import SparsityProbe
 from .results import CheckpointResult, PPLPResult
 from .rules import CETTRule
 
