@@ -242,7 +242,8 @@ class SparsityProbe:
         acts: list[list[torch.Tensor]] = [[] for _ in self.sites]
         ynorms: list[list[torch.Tensor]] = [[] for _ in self.sites]
         strided = self._unpadded  # stream mode: the guide rows of dense layers as strided copies
-        guide = self._guide_rows_by_batch() if self.mode == "stream" else {}
+        moe = any(s.moe is not None for s in self.sites)  # MoE layers take their guide rows by index
+        guide = self._guide_rows_by_batch() if self.mode == "stream" and (moe or not strided) else {}
         rows = TokenRows()
         sums: list[list[torch.Tensor]] = [[] for _ in self.sites]  # float32 sums of a, checked after the pass
 
