@@ -1,6 +1,6 @@
 # The two commands of the README: `make main` (notebook 01 on the embedded default model)
 # and `make test` (the test suite, as CI runs it). Both do the whole set-up first.
-# `make figures` runs notebooks 01 and 02 with their defaults and refreshes docs/figures/ (README).
+# `make figures` runs the notebooks with their defaults and refreshes docs/figures/ (README: 01-03).
 #
 # Which Python: the one you name (`make test PYTHON=/path/to/python`), else the active virtual or
 # conda environment, else a project environment `.venv/` made here with `python3 -m venv` (a stock

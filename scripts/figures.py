@@ -1,6 +1,6 @@
 """Copy the README's figures from the executed notebooks into docs/figures/, small.
 
-Run by ``make figures`` after notebooks 01 and 02 have run with their defaults (``make main``,
+Run by ``make figures`` after notebooks 01, 02 and 03 have run with their defaults (``make main``,
 ``make notebooks``). Each PNG is scaled from the notebooks' 110 dpi to 90 dpi and reduced to a
 256-colour palette, so that it stays under 150 KB; a figure still larger is an error.
 
@@ -24,6 +24,7 @@ FIGURES = [
     ("01_ppl_p_sparsity", "layer_profile.png", "layer_profile.png"),
     ("02_activation_vs_data", "fig4_activation_vs_data.png", "fig4_activation_vs_data.png"),
     ("02_activation_vs_data", "mse_profiles_A0.png", "mse_profiles_A0.png"),
+    ("03_training_runs", "fig2_moe_pareto.png", "fig2_moe_pareto.png"),
 ]
 SOURCE_DPI, TARGET_DPI, MAX_BYTES = 110, 90, 150_000
 

@@ -1,7 +1,9 @@
 """Figures of the Sparsing Law paper (Luo et al. 2024, arXiv:2411.02335), one function per figure.
 
 Every function draws on matplotlib axes (created when not given), returns the figure,
-and never changes global style; :func:`save_figure` writes a figure to an output folder.
+and never changes global style; :func:`save_figure` writes a figure to an output folder. The laws'
+and the training runs' figures are here; the metric's (CETT curves, Pareto curves, per-layer
+profiles, benchmark costs) live in :mod:`sparsing_utils.metric_plots` and are re-exported.
 """
 from __future__ import annotations
 
@@ -12,7 +14,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
-from matplotlib.ticker import FormatStrFormatter
+
+from .metric_plots import (
+    _axes,
+    plot_activation_heatmap,
+    plot_cett_curves,
+    plot_layer_profile,
+    plot_moe_pareto,
+    plot_neuron_contributions,
+    plot_pareto,
+    plot_score_drop,
+)
 
 __all__ = [
     "plot_activation_heatmap",
@@ -28,6 +40,7 @@ __all__ = [
     "plot_limit_vs_params",
     "plot_limit_vs_scale",
     "plot_loss_curves",
+    "plot_moe_pareto",
     "plot_mse_profile",
     "plot_mse_profiles",
     "plot_neuron_contributions",
@@ -69,14 +82,6 @@ def _scale_value(scale: str) -> float:
 def _palette(scales: Sequence[str]) -> dict[str, tuple]:
     uniq = sorted(set(scales), key=_scale_value)
     return dict(zip(uniq, sns.color_palette("viridis", len(uniq))))
-
-
-def _axes(axes, n: int, figsize):
-    if axes is None:
-        fig, axes = plt.subplots(1, n, figsize=figsize, squeeze=False)
-        return fig, list(axes[0])
-    axes = list(np.atleast_1d(axes))
-    return axes[0].figure, axes
 
 
 # ---------------------------------------------------------------------------
@@ -582,189 +587,5 @@ def plot_token_ratio_pairs(pairs: Sequence[Mapping], ncols: int = 2):
     for ax in axes.ravel()[len(pairs):]:
         ax.axis("off")
     fig.suptitle("Per-token activation ratios across sizes (cf. Luo et al. 2024, Fig. 10)")
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------------------
-# The metric (Fig. 1 idea, CETT curves, Fig. 3 Pareto, activation maps)
-# ---------------------------------------------------------------------------
-def plot_neuron_contributions(norms, eps: float, cett: float | None = None, title: str = "", ax=None):
-    """One token's neuron output norms ``|a_i| * ||W_down[:, i]||``, largest first, with the
-    truncated tail (norms <= eps) shaded: the idea of the paper's Fig. 1."""
-    values = np.sort(np.asarray(norms, dtype=float))[::-1]
-    kept = int((values > eps).sum())
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.2))
-    x = np.arange(1, len(values) + 1)
-    ax.fill_between(x[:kept], values[:kept], color="tab:blue", alpha=0.8, step="mid", label=f"activated ({kept})")
-    ax.fill_between(x[kept:], values[kept:], color="tab:red", alpha=0.5, step="mid",
-                    label=f"truncated tail ({len(values) - kept})")
-    ax.axhline(eps, color="k", lw=0.8, ls="--", label=f"threshold eps = {eps:.3g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("neurons, sorted by output norm")
-    ax.set_ylabel("||n_i||")
-    extra = f" (CETT of this token = {cett:.3f})" if cett is not None else ""
-    ax.set_title((title + extra).strip())
-    ax.legend(fontsize=8)
-    return ax.figure
-
-
-def plot_cett_curves(curve, layers: Sequence[int], results: Sequence = (), guide=None, ax=None, title: str = ""):
-    """Mean CETT against the threshold eps for a few layers (log x axis).
-
-    ``curve``: a :class:`~sparsing_utils.cett.CETTCurve`, drawn solid; give the exact one
-    (:meth:`~sparsing_utils.probe.SparsityProbe.exact_curve`: all tokens). ``guide``: optionally
-    the probe's estimated curve (``probe.curve``: sketch of ``W_down``, first tokens), drawn
-    dotted for comparison. ``results``: PPL-p% results (:class:`~sparsing_utils.results.PPLPResult`),
-    one circle per layer at its threshold and its exact CETT there (``layer_cett``).
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4))
-    colors = sns.color_palette("viridis", len(layers))
-    for color, layer in zip(colors, layers):
-        e, c = np.asarray(curve.eps[layer], dtype=float), np.asarray(curve.cett[layer], dtype=float)
-        ok = (e > 0) & np.isfinite(c)
-        ax.plot(e[ok], c[ok], marker=".", color=color, label=f"layer {layer}")
-        if guide is not None:
-            ge, gc = np.asarray(guide.eps[layer], dtype=float), np.asarray(guide.cett[layer], dtype=float)
-            ax.plot(ge[ge > 0], gc[ge > 0], ls=":", lw=1.2, color=color, alpha=0.8)
-        for r in results:
-            ax.plot([float(r.thresholds[layer])], [float(r.layer_cett[layer])], "o", mfc="none", color=color, ms=8)
-    handles, labels = ax.get_legend_handles_labels()
-    if guide is not None:
-        handles.append(plt.Line2D([], [], color="0.4", ls=":"))
-        labels.append("estimate guiding the search")
-    if len(results):
-        handles.append(plt.Line2D([], [], color="0.4", ls="", marker="o", mfc="none"))
-        labels.append("PPL-" + "/".join(f"{r.p:g}" for r in results) + "% thresholds")
-    ax.set_xscale("log")
-    ax.set_yscale("log")  # the PPL-p% targets (c of a few percent) sit low on a linear axis
-    ax.set_ylim(bottom=1e-3)
-    ax.set_xlabel("threshold eps on ||n_i||")
-    ax.set_ylabel("mean CETT")
-    ax.set_title(title or "CETT grows with the threshold")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(handles, labels, fontsize=8)
-    return ax.figure
-
-
-def plot_layer_profile(results: Sequence, axes=None):
-    """Per-layer view of PPL-p% results: activation ratio, mean CETT and threshold against the
-    layer index, one line per ``p`` (:class:`~sparsing_utils.results.PPLPResult` list)."""
-    fig, axes = _axes(axes, 3, (13, 3.6))
-    colors = sns.color_palette("viridis", max(1, len(results)))
-    panels = (("layer_activation_ratio", "activation ratio", "linear"), ("layer_cett", "mean CETT", "linear"),
-              ("thresholds", "threshold eps on ||n_i||", "log"))
-    for ax, (key, label, scale) in zip(axes, panels):
-        for color, r in zip(colors, results):
-            y = np.asarray(getattr(r, key), dtype=float)
-            ax.plot(np.arange(len(y)), y, marker=".", color=color, label=f"PPL-{r.p:g}%")
-            if key == "layer_activation_ratio":
-                ax.axhline(r.activation_ratio, color=color, lw=0.8, ls="--")
-            if key == "layer_cett":
-                ax.axhline(r.cett, color=color, lw=0.8, ls="--")
-        ax.set_yscale(scale)
-        ax.set_xlabel("layer")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("activation ratio per layer (dashed: model mean)")
-    axes[1].set_title("CETT per layer (dashed: the target c)")
-    axes[2].set_title("per-layer threshold")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_pareto(frame, points=None, ax=None):
-    """PPL ratio against activation ratio, one line per rule (the paper's Fig. 3; on an MoE model
-    the ``"experts"`` rows are Fig. 2's curve of the number of routed experts).
-
-    frame: rows with columns rule, activation_ratio, ppl_ratio; points: optional rows with
-    p, activation_ratio, ppl_ratio (the PPL-p% results) to annotate.
-    """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4.2))
-    labels = {"cett": "PPL-p% / CETT (ours)", "topk": "Top-k (per token)",
-              "topk_global_official": "Top-k (global, official)", "fat": "FAT-eps", "relu": "ReLU zeros",
-              "experts": "routed experts top-k (MoE, Fig. 2)"}
-    for rule, group in frame.groupby("rule", sort=False):
-        g = group.sort_values("activation_ratio")
-        ax.plot(g["activation_ratio"], g["ppl_ratio"], marker="o", ms=3, label=labels.get(rule, rule))
-    if points is not None:
-        for _, r in points.iterrows():
-            ax.annotate(f"PPL-{r['p']:g}%", (r["activation_ratio"], r["ppl_ratio"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-            ax.plot([r["activation_ratio"]], [r["ppl_ratio"]], "k*", ms=8)
-    ax.set_xlabel("activation ratio")
-    ax.set_ylabel("PPL sparse / PPL dense")
-    ax.set_yscale("log")
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 1.10, not 1.1 x 10^0
-        axis(FormatStrFormatter("%.2f"))
-    ax.grid(alpha=0.3, which="both")
-    ax.set_title("Pareto curves: lower-left is better")
-    ax.legend(fontsize=8)
-    return ax.figure
-
-
-def plot_activation_heatmap(matrix, max_tokens: int = 256, ax=None, title: str = ""):
-    """Activation ratio of every (layer, token) pair: a ``[layers, tokens]`` heat map."""
-    m = np.asarray(matrix, dtype=float)[:, :max_tokens]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 3.6))
-    sns.heatmap(m, ax=ax, cmap="magma", cbar_kws={"label": "activation ratio"}, xticklabels=32, yticklabels=5)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("layer")
-    ax.set_title(title or "activation ratio per layer and token")
-    return ax.figure
-
-
-# ---------------------------------------------------------------------------
-# What sparsity costs on benchmarks (Tables 1, 4, 5)
-# ---------------------------------------------------------------------------
-def plot_score_drop(ours, paper=None, axes=None):
-    """Score drop against activation ratio (left) and the mean drop per task group against p (right).
-
-    ours: :func:`sparsing_utils.evaluation.scores_frame` rows (setting, p, task, group, drop,
-    activation_ratio); paper: :func:`sparsing_utils.evaluation.paper_drops` rows (scale, activation,
-    p, group, drop), drawn thin (SiLU solid, ReLU dashed) beside our group means - different models,
-    so the drops, not the scores, are compared.
-    """
-    fig, (left, right) = _axes(axes, 2, (12, 4.4))
-    colors = dict(zip(sorted(ours["task"].unique()), sns.color_palette("tab10", ours["task"].nunique())))
-    for task, g in ours.groupby("task"):
-        g = g.sort_values("p")
-        left.plot(g["activation_ratio"], g["drop"], marker="o", ms=4, color=colors[task], label=task)
-    for _, r in ours[ours["p"] > 0].drop_duplicates("p").iterrows():
-        left.annotate(r["setting"], (ours.loc[ours["p"] == r["p"], "activation_ratio"].mean(), 0.97), fontsize=8,
-                      xycoords=("data", "axes fraction"), ha="center", va="top", color="0.35")
-    left.axhline(0, color="0.6", lw=0.8)
-    left.set_xlabel("activation ratio during evaluation (dense = 1)")
-    left.set_ylabel("score - dense score (points)")
-    left.set_title("what sparsity costs, per task (ours)")
-    left.legend(fontsize=7, ncol=2)
-    group_colors = {"commonsense": "tab:blue", "reading": "tab:red"}
-    ps = sorted(set(ours["p"]) | (set(paper["p"]) if paper is not None else set()))
-    pos = {p: i for i, p in enumerate(ps)}
-    if paper is not None:
-        keys = ["scale", "activation", "p", "group"]
-        means = paper.groupby(keys, as_index=False)["drop"].mean()
-        for (scale, act, group), g in means.groupby(["scale", "activation", "group"]):
-            g = g.sort_values("p")
-            right.plot(g["p"].map(pos), g["drop"], color=group_colors.get(group, "0.5"), alpha=0.35, lw=1,
-                       ls="-" if act == "silu" else "--")
-    mine = ours.groupby(["p", "group"], as_index=False)["drop"].mean()
-    for group, g in mine.groupby("group"):
-        g = g.sort_values("p")
-        right.plot(g["p"].map(pos), g["drop"], color=group_colors.get(group, "k"), lw=2.5, marker="o",
-                   label=f"{group} (ours)")
-    if paper is not None:
-        right.plot([], [], color="0.4", alpha=0.6, lw=1, label="paper, SiLU 0.1-1.2B")
-        right.plot([], [], color="0.4", alpha=0.6, lw=1, ls="--", label="paper, ReLU 0.1-1.2B")
-    right.set_xticks(range(len(ps)), ["dense" if p == 0 else f"PPL-{p:g}%" for p in ps])
-    right.axhline(0, color="0.6", lw=0.8)
-    right.set_ylabel("mean drop over the group's tasks (points)")
-    right.set_title("commonsense vs reading: ours beside the paper (Table 1 shape)")
-    right.legend(fontsize=7)
     fig.tight_layout()
     return fig

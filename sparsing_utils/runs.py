@@ -674,7 +674,10 @@ def pareto_frame(runs: Iterable[RunResult]):
     """The ``pareto`` points of each run that has them (``sparsing track --pareto``): one row per
     sparse pass of the final checkpoint, columns run, activation, rule (``cett``, or ``experts`` for
     an MoE run's routed-experts points), value, activation_ratio, ppl, ppl_ratio (and
-    activation_ratio_ran for MoE runs), ordered by run and activation ratio. Runs without points are
+    activation_ratio_ran for MoE runs), ordered by run and activation ratio. For Fig. 2 also
+    ``neurons`` (FFN neurons of a layer: ``d_ff``, an MoE's ``num_experts * d_ff``),
+    ``active_neurons`` (activated per token and layer: activation_ratio x neurons) and ``top_k``
+    (the experts per token the run was trained with; 0 for dense runs). Runs without points are
     left out; none at all is an error naming how to get them."""
     import pandas as pd
 
@@ -683,8 +686,13 @@ def pareto_frame(runs: Iterable[RunResult]):
         par = r.data.get("pareto")
         if not par:
             continue
+        experts = int(r.config.get("num_experts") or 0)
+        moe = experts >= 2  # dense configs say 0 (or 1, before issue 10)
+        neurons = int(r.data["plan"]["d_ff"]) * (experts if moe else 1)
+        top_k = int(r.config["experts_top_k"]) if moe else 0
         for row in par["rows"]:
-            rows.append({"run": r.name, "activation": r.activation, "checkpoint": par["name"], **row})
+            rows.append({"run": r.name, "activation": r.activation, "checkpoint": par["name"], **row,
+                         "neurons": neurons, "active_neurons": row["activation_ratio"] * neurons, "top_k": top_k})
     if not rows:
         raise ValueError("no run has Pareto points: track the run with `sparsing track ... --pareto 0.05,0.1,0.2`")
     return pd.DataFrame(rows).sort_values(["run", "rule", "activation_ratio"], kind="stable").reset_index(drop=True)

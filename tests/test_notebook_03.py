@@ -26,14 +26,16 @@ from sparsing_utils import fitting
 NOTEBOOK = ROOT / "notebooks" / "03_training_runs.ipynb"
 PARAMETERS = {"smoke": True, "n_bootstrap": 20}  # output_dir is added per run
 FIGURES = ("fig11_loss_curves", "fig4_activation_vs_data_ours", "seed_band", "seed_band_silu", "pareto_final_checkpoints",
-           "repetition")
+           "fig2_moe_pareto", "repetition")
+MOE = ["moe/relu-2m-rerun", "moe/relu-2m-moe8", "moe/relu-2m-moe16"]
 ACTIVATION = [f"activation/{a}-{s}" for a in ("relu", "silu") for s in ("1m", "2m", "4m")]
 SEEDS = [f"seeds/relu-2m-seed{s}" for s in range(3)]
 VARIANTS = {"all pre-decay checkpoints": {}, "D/N >= 10": {"min_dn": 10}, "ReLU: falling part only": {"falling": True}}
 
 
 def test_notebook_03_is_thin_and_stripped():
-    assert_thin_and_stripped(NOTEBOOK, headlines=6)  # loss, activation, seeds, SiLU seeds and the rerun, Pareto, repetition
+    assert_thin_and_stripped(NOTEBOOK, headlines=7)  # loss, activation, seeds, SiLU seeds and the rerun, Pareto, MoE,
+    # repetition
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_figures_are_saved(run):
 @pytest.mark.notebook
 def test_headlines_print_the_computed_numbers(run):
     executed, out = run
-    loss_text, act_text, seed_text, silu_text, pareto_text, rep_text = headline_text(executed)
+    loss_text, act_text, seed_text, silu_text, pareto_text, _, rep_text = headline_text(executed)
     seeds = [shipped_run(k) for k in SEEDS]
     loss_sd = np.std([s["checkpoints"][-1]["heldout_loss"] for s in seeds], ddof=1)
     for line, size in zip(loss_text.strip().splitlines(), ("1m", "2m", "4m")):
@@ -177,6 +179,49 @@ def test_headlines_print_the_computed_numbers(run):
     small = shipped_run("repetition/relu-2m-frac005")
     assert f"relu-2m-frac005: {rep.loc['relu-2m-frac005', 'epochs']:.1f} epochs" in rep_text
     assert f"last stable {_last_stable(small)['activation_ratio']:.4f}" in rep_text
+
+
+@pytest.mark.notebook
+def test_moe_against_dense_matches_the_files(run):
+    """Fig. 2 on our runs: the MoE models run the dense model's FFN width per token on the same tokens
+    and schedule; every point and printed number is the files' own, recomputed here by hand."""
+    executed, out = run
+    moe_text = headline_text(executed)[5]
+    dense = shipped_run(MOE[0])
+    differ = {"name", "d_ff", "num_experts", "experts_top_k", "total_tokens", "tokens_per_param"}  # tokens: below
+    pareto = pd.read_csv(out / "moe_pareto.csv")
+    assert sorted(pareto["run"].unique()) == sorted(k.split("/")[1] for k in MOE)
+    for key in MOE:
+        r = shipped_run(key)
+        cfg, experts = r["config"], r["config"]["num_experts"]
+        assert {k: v for k, v in cfg.items() if k not in differ} == {k: v for k, v in dense["config"].items() if k not in differ}
+        assert r["plan"]["total_tokens"] == dense["plan"]["total_tokens"] == r["checkpoints"][-1]["tokens"]
+        width = r["plan"]["d_ff"] * (cfg["experts_top_k"] if experts >= 2 else 1)
+        assert width == dense["plan"]["d_ff"] == 448  # the FFN width a token runs
+        neurons = r["plan"]["d_ff"] * max(experts, 1)
+        rows = sorted(r["pareto"]["rows"], key=lambda x: (x["rule"], x["activation_ratio"]))
+        got = pareto[pareto["run"] == r["run"]]
+        assert got["ppl"].tolist() == [x["ppl"] for x in rows] and (got["neurons"] == neurons).all()
+        assert got["active_neurons"].tolist() == pytest.approx([x["activation_ratio"] * neurons for x in rows], rel=1e-12)
+        last = _last_stable(r)
+        block = moe_text.split(f"{r['run']}: ")[1].split("\nrelu-")[0]
+        assert f"activation ratio {last['activation_ratio']:.4f} of {neurons} neurons" in block
+        assert f"= {last['activation_ratio'] * neurons:.1f} neurons per token" in block
+        by = {(x["rule"], x["value"]): x for x in rows}
+        c01 = by[("cett", 0.1)]
+        assert f"CETT 0.1: {c01['activation_ratio'] * neurons:.1f} neurons, PPL {c01['ppl']:.3f}" in block
+        assert f"dense PPL {r['pareto']['ppl_dense']:.3f}" in block
+        if experts >= 2:
+            assert f"({last['activation_ratio_ran']:.4f} of the experts that ran)" in block
+            k = cfg["experts_top_k"]
+            assert by[("experts", float(k))]["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)  # as trained = dense
+            assert [by[("experts", float(j))]["activation_ratio"] for j in range(1, experts + 1)] == \
+                pytest.approx([j / experts for j in range(1, experts + 1)], rel=1e-12)  # every neuron of k experts
+            assert f"top-{k - 1}: {(k - 1) * r['plan']['d_ff']} neurons, " \
+                f"PPL ratio {by[('experts', float(k - 1))]['ppl_ratio']:.4f}" in block
+            assert f"all {experts}: PPL ratio {by[('experts', float(experts))]['ppl_ratio']:.4f}" in block
+        else:
+            assert "routed experts" not in block
 
 
 # ---------------------------------------------------------------------------

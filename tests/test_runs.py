@@ -394,10 +394,10 @@ def test_shipped_results_are_complete_and_not_duplicated():
     plan = json.loads((ROOT / "configs" / "plan.json").read_text())
     entries = runs.load_runs()
     full = [r for r in entries if not r.is_alias]
-    assert len(full) == 18 and len(entries) == 22
+    assert len(full) == 20 and len(entries) == 24
     by_key = {r.key: r for r in entries}
     shipped = [e for e in plan["runs"] if f"{next(iter(e['sweeps']))}/{e['sweeps'][next(iter(e['sweeps']))]}" in by_key]
-    assert len(shipped) == 18
+    assert len(shipped) == 20
     for e in shipped:
         (home, name), *others = e["sweeps"].items()
         r = by_key[f"{home}/{name}"]
@@ -406,11 +406,15 @@ def test_shipped_results_are_complete_and_not_duplicated():
             a = by_key[f"{sweep}/{alias}"]
             assert a.alias_of == f"{home}/{name}" and a.data is not None
             assert (ROOT / "data" / "runs" / sweep / f"{alias}.json").stat().st_size < 200
-        # the shipped runs were trained before issue 10 wrote dense configs as num_experts 0 / experts_top_k 0
-        # (they say 1 / 1, the same dense model) and added the MoE-only fields: compare everything else
         trained, committed = TrainConfig.from_dict(r.config), TrainConfig.from_json(ROOT / e["config"])
-        assert not trained.is_moe and not committed.is_moe and r.config["num_experts"] in (0, 1)
-        skip = {"corpus", "num_experts", "experts_top_k", "moe_style", "router_aux_loss_coef"}
+        if committed.is_moe:  # the MoE runs (Fig. 2) were trained with the configs as committed
+            assert trained.is_moe and r.config["num_experts"] == committed.num_experts >= 2
+            skip = {"corpus"}
+        else:
+            # the dense runs were trained before issue 10 wrote dense configs as num_experts 0 / experts_top_k 0
+            # (they say 1 / 1, the same dense model) and added the MoE-only fields: compare everything else
+            assert not trained.is_moe and r.config["num_experts"] in (0, 1)
+            skip = {"corpus", "num_experts", "experts_top_k", "moe_style", "router_aux_loss_coef"}
         assert {k: v for k, v in trained.to_dict().items() if k not in skip} == \
             {k: v for k, v in committed.to_dict().items() if k not in skip}
         assert r.n_params == e["non_embedding_params"] and r.checkpoints[-1]["tokens"] == e["total_tokens"]
@@ -421,7 +425,7 @@ def test_shipped_results_are_complete_and_not_duplicated():
         assert r.path.stat().st_size < 1_000_000
     ref = full[0]
     recorded = [r for r in full if "token_ids_source" not in r.data["patterns"]]
-    assert len(recorded) == 4  # this session's runs: ids written by track itself
+    assert len(recorded) == 6  # the runs of GPU sessions 4 and 6: ids written by track itself
     for r in full[1:]:  # all were measured on one corpus: their per-token ratios can be paired
         runs.token_ratio_pair(ref, r, "prose")
         runs.token_ratio_pair(ref, r, "code", by="vocabulary")
@@ -500,6 +504,43 @@ def test_pareto_frame_reads_the_final_checkpoints_points(tree):
     assert set(frame["activation"]) == {a.activation} and (frame["checkpoint"] == "final").all()
 
 
+
+
+def test_pareto_frame_counts_neurons_for_fig2_and_the_figure_draws_them(tree):
+    """Fig. 2 columns: a dense run's neurons are d_ff, an MoE run's num_experts x d_ff; active_neurons
+    = activation_ratio x neurons; top_k the trained routing (0: dense). plot_moe_pareto draws each
+    (run, rule) on both panels and stars the trained top-k."""
+    import matplotlib.pyplot as plt
+
+    from sparsing_utils import plots
+
+    a = runs.load_sweep("activation", tree)["relu-a"]
+    dense_rows = [{"rule": "cett", "value": c, "activation_ratio": ar, "ppl": 10 * pr, "ppl_ratio": pr}
+                  for c, ar, pr in ((0.2, 0.2, 1.1), (0.05, 0.6, 1.01))]
+    write(tree / "activation" / "relu-a.json", {**a.data, "pareto": {"name": "final", "ppl_dense": 10.0, "rows": dense_rows}})
+    moe = payload("relu-moe")
+    moe["config"].update(num_experts=3, experts_top_k=2)
+    moe_rows = [{"rule": "cett", "value": 0.1, "activation_ratio": 0.3, "ppl": 8.4, "ppl_ratio": 1.05,
+                 "activation_ratio_ran": 0.45}] + \
+        [{"rule": "experts", "value": float(k), "activation_ratio": k / 3, "ppl": p, "ppl_ratio": p / 8.0,
+          "activation_ratio_ran": 1.0} for k, p in ((1, 12.0), (2, 8.0), (3, 8.8))]
+    write(tree / "moe" / "relu-moe.json", {**moe, "sweep": "moe", "pareto": {"name": "final", "ppl_dense": 8.0,
+                                                                             "rows": moe_rows}})
+    frame = runs.pareto_frame([runs.load_sweep("activation", tree)["relu-a"], runs.load_sweep("moe", tree)["relu-moe"]])
+    d, m = frame[frame["run"] == "relu-a"], frame[frame["run"] == "relu-moe"]
+    assert (d["neurons"] == 5).all() and (d["top_k"] == 0).all() and d["active_neurons"].tolist() == [1.0, 3.0]
+    assert (m["neurons"] == 15).all() and (m["top_k"] == 2).all()
+    assert m["active_neurons"].tolist() == pytest.approx([4.5, 5.0, 10.0, 15.0])  # cett 0.3 x 15, then k x 5
+    assert m["activation_ratio_ran"].tolist() == [0.45, 1.0, 1.0, 1.0]
+    fig = plots.plot_moe_pareto(frame)
+    left, right = fig.axes
+    drawn = {ln.get_label(): ln for ln in right.get_lines()}
+    assert drawn["relu-moe: routed experts k"].get_xdata().tolist() == [5.0, 10.0, 15.0]
+    assert drawn["relu-moe: routed experts k"].get_ydata().tolist() == [12.0, 8.0, 8.8]
+    assert drawn["relu-a: CETT thresholds"].get_ydata().tolist() == [11.0, 10.1]
+    stars = [ln for ln in left.get_lines() if ln.get_marker() == "*" and len(ln.get_xdata())]
+    assert [(ln.get_xdata().tolist(), ln.get_ydata().tolist()) for ln in stars] == [([2 / 3], [1.0])]  # trained k = 2
+    plt.close("all")
 
 def test_run_sweeps_spreads_runs_over_the_gpus_of_one_machine(run_sweeps, tmp_path, monkeypatch, capsys):
     """The scheduler's real loop (not --simulate) on a machine of two GPUs, one slot each: three runs
