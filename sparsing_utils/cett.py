@@ -30,17 +30,38 @@ __all__ = [
     "cett_statistics",
     "compare_limits",
     "default_compute_dtype",
+    "gemm_rows",
     "host_to_device",
     "interpolate_thresholds",
     "l2_norm",
     "neuron_norms",
     "nonzero_norms",
+    "pad_rows",
     "refine_thresholds",
     "sketch_projection",
     "sketch_weight",
     "truncated_norms",
     "truncated_statistics",
 ]
+
+
+#: On CUDA, the products of rows that vary in number (an expert's tokens) are padded to a multiple of
+#: this many rows, so that their shapes repeat across experts and layers: on an H200 a search's first
+#: call on the Mixtral-shaped benchmark model spent 0.33-0.60 s more than its second, most of it in the
+#: products of the experts' ~190 distinct row counts (cProfile); padded, 0.11-0.29 s (benchmarks/
+#: RESULTS.md, session 6). Not on the CPU (no such cost measured there; its answers stay bitwise).
+GEMM_ROW_MULTIPLE = 128
+
+
+def gemm_rows(n: int, device: torch.device) -> int:
+    """The rows ``n`` varying rows are padded to before a product on ``device`` (:data:`GEMM_ROW_MULTIPLE`)."""
+    return -(-n // GEMM_ROW_MULTIPLE) * GEMM_ROW_MULTIPLE if device.type == "cuda" else n
+
+
+def pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with zero rows appended (dim 0) up to :func:`gemm_rows`; ``t`` itself when none are needed."""
+    pad = gemm_rows(t.shape[0], t.device) - t.shape[0]
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
 
 
 def default_compute_dtype(a: torch.Tensor) -> torch.dtype:
@@ -276,6 +297,8 @@ def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, to
                     rr, ac = r[b[c]:b[c + 1]] - t0, x[b[c]:b[c + 1]]  # [rows] in the chunk, [rows, width]
                 if ac.shape[0] == 0:
                     continue
+                if rr is not None:  # CUDA: zero rows on token 0, truncated everywhere: they add exactly 0 there
+                    ac, rr = pad_rows(ac), pad_rows(rr)
                 tail = ac.abs().unsqueeze(0) <= lim[:, col].unsqueeze(1)  # [k, rows, width] True = truncated
                 prod = ((ac.to(cd).unsqueeze(0) * tail).reshape(-1, ac.shape[1]) @ w[col]).view(k, -1, d_out)
                 active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32) if count is not None else None  # [k, rows]

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cett import pad_rows
 from .expert_rows import ExpertRows
 from .experts import EXPERT_KINDS, _gated_mlp, _GatedMLP, _mlp_layouts, _Parallel
 
@@ -273,7 +274,9 @@ class MoELayer:
                 continue
             chosen = order[bounds[e]:bounds[e + 1]]  # [n_e] places in slots
             pos, tok = chosen // n, chosen % n  # [n_e] slot among the k, token
-            a, g = self.kind.activations(self.experts, e, h[tok])  # [n_e, d_e]
+            m = tok.shape[0]
+            a, g = (t[:m] for t in self.kind.activations(self.experts, e, h[pad_rows(tok)]))  # [n_e, d_e]
+            # (on CUDA the expert runs on n_e rows padded by cett.pad_rows: fewer distinct GEMM shapes)
             w = weights[tok, pos, None]  # [n_e, 1]
             rows[e], values[e] = tok, (a * w).to(h.dtype)  # v's rows of expert e, routing weight folded in
             if need_gate:
@@ -316,7 +319,8 @@ class MoELayer:
                 a = torch.where(new == old, a, torch.where(w != 0, new / w, 0).to(a.dtype))
             elif keep is not None:  # a mask only: the neurons kept keep their a
                 a = a * keep.values[e]
-            out_e = self.kind.down(self.experts, e, a) * w  # (W_down_e a + b_e) w_e with an output bias (gpt-oss)
+            out_e = self.kind.down(self.experts, e, pad_rows(a))[:a.shape[0]] * w  # (W_down_e a + b_e) w_e, output
+            # bias included (gpt-oss); rows padded on CUDA as above
             y.index_add_(0, tok, out_e.to(y.dtype))
         y = y.view(*lead, -1)
         block_bias = self.kind.block_bias(self.experts)  # [d]: JetMoE's bias on the block's output

@@ -946,3 +946,68 @@ def test_tokens_routed_to_no_expert_count_only_shared_neurons(family):
         assert float(stats.layer_active[s.index]) == pytest.approx(float(masks[s.index].float().mean()), abs=1e-7)
         assert float(stats.layer_active_ran[s.index]) == pytest.approx(
             float(masks[s.index].sum() / ran_counts[s.index].sum()), abs=1e-7)
+
+
+def test_pad_rows_pads_on_cuda_only():
+    """cett.gemm_rows / pad_rows: rows varying in number are padded to a multiple of 128 on CUDA (fewer
+    distinct GEMM shapes for cuBLAS), never on the CPU; the padding is zero rows, the tensor itself when
+    none are needed."""
+    from sparsing_utils import cett
+
+    assert [cett.gemm_rows(n, torch.device("cuda")) for n in (1, 127, 128, 129, 4000)] == [128, 128, 128, 256, 4096]
+    assert [cett.gemm_rows(n, torch.device("cpu")) for n in (1, 129)] == [1, 129]
+    t = torch.arange(6.0).reshape(3, 2)
+    assert cett.pad_rows(t) is t
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "remote_deepseek"])
+def test_padded_expert_rows_give_the_same_answers(family, monkeypatch):
+    """The padding CUDA gets (cett.pad_rows), forced on the CPU with odd multiples: the experts' outputs,
+    the exact CETT statistics (zero rows added to a token add exactly nothing), the sparse pass's counts and
+    its logits equal those without padding (the products to float rounding: other row counts may take
+    other GEMM kernels)."""
+    from sparsing_utils import cett
+
+    model = build(family)
+    x = ids(batch=4, seq=11, seed=3)
+
+    mask = torch.ones_like(x)
+    sites = find_ffn_sites(model)
+
+    def answers():
+        probe = SparsityProbe(model, Blocks(x), batch_size=2)
+        eps = torch.stack([_quantile_nonzero(probe.activations(s.index), s.column_norms(), 0.5) for s in probe.sites])
+        stats = probe.sparse_pass(CETTRule(eps))
+        with torch.no_grad(), apply_rule(model, CETTRule(eps)):
+            logits = model(input_ids=x, use_cache=False).logits
+        with torch.no_grad(), read_activations(model, lambda s, a: None):
+            dense = model(input_ids=x, use_cache=False).logits
+        parts = _capture(model, x, mask, compact=True)  # per expert: truncated sums and counts at two thresholds
+        tails = {s.index: [cett.truncated_statistics(er, s.weight_t().detach(), s.column_norms(),
+                                                     torch.stack([eps[s.index] * 0.5, eps[s.index]]))
+                           for er in parts[s.index][0]] for s in sites if s.moe is not None}
+        return probe.layer_cett(eps), stats, logits, dense, tails
+
+    cett_0, stats_0, logits_0, dense_0, tails_0 = answers()
+    padded = []
+    for multiple in (5, 16):
+        monkeypatch.setattr(cett, "gemm_rows", lambda n, device, m=multiple: -(-n // m) * m + m)  # always some rows
+
+        def spy(t, _pad=cett.pad_rows):
+            out = _pad(t)
+            padded.append(out.shape[0] - t.shape[0])
+            return out
+
+        monkeypatch.setattr(cett, "pad_rows", spy)
+        monkeypatch.setattr(su.moe, "pad_rows", spy)
+        cett_p, stats_p, logits_p, dense_p, tails_p = answers()
+        torch.testing.assert_close(cett_p, cett_0, atol=1e-6, rtol=0)
+        for i, per_batch in tails_0.items():
+            for (norms_0, kept_0), (norms_p, kept_p) in zip(per_batch, tails_p[i]):
+                assert torch.equal(kept_p, kept_0)  # zero rows: never activated, wherever they are added
+                torch.testing.assert_close(norms_p, norms_0, atol=1e-6, rtol=1e-6)
+        assert torch.equal(stats_p.layer_active, stats_0.layer_active)
+        assert torch.equal(stats_p.layer_active_ran, stats_0.layer_active_ran)
+        torch.testing.assert_close(logits_p, logits_0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dense_p, dense_0, atol=1e-5, rtol=1e-5)
+    assert padded and min(padded) > 0  # the padded paths ran
