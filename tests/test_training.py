@@ -119,7 +119,8 @@ def test_mixture_of_experts_config_errors(change, message, tmp_path):
 
 def test_dense_configs_old_and_new_and_the_shipped_runs_load(tmp_path):
     """0/0 (the default) and 1/1 (what configs before issue 10 wrote) are the dense Llama; every
-    run JSON in data/runs still loads, as a dense model."""
+    run JSON in data/runs still loads: the dense runs as dense models, the two MoE runs of Fig. 2 as
+    MoE models with their experts."""
     from transformers import LlamaForCausalLM
 
     for n in (0, 1):
@@ -129,8 +130,14 @@ def test_dense_configs_old_and_new_and_the_shipped_runs_load(tmp_path):
     runs = sorted((ROOT / "data" / "runs").rglob("*.json"))
     configs = [json.loads(p.read_text()).get("config") for p in runs]
     assert len([c for c in configs if c]) >= 10
+    moe = {}
     for c in filter(None, configs):
-        assert not TrainConfig.from_dict(c).is_moe
+        cfg = TrainConfig.from_dict(c)
+        if cfg.is_moe:
+            moe[cfg.name] = (cfg.num_experts, cfg.experts_top_k)
+        else:
+            assert c["num_experts"] in (0, 1)
+    assert moe == {"relu-2m-moe8": (8, 4), "relu-2m-moe16": (16, 7)}
 
 
 @pytest.mark.parametrize("style", ["mixtral", "qwen3_moe"])
