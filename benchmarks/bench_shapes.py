@@ -226,7 +226,7 @@ def run_child(args) -> dict:
     out["first"], _ = project("memory", "first call", profile=args.profile)
     out["second"], _ = project("memory", "second call", profile=args.profile)
     if "stream" in args.modes:
-        out["stream"], _ = project("stream", "stream")
+        out["stream"], _ = project("stream", "stream", profile=args.profile)
     if args.grid:
         grid_probe = SparsityProbe(model, blocks, mode="memory", batch_size=batch, name=args.child)
         table = EvaluationTable([grid_probe])
@@ -309,7 +309,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of each child")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="time by the wall clock (default) or by the child's CPU time (a shared CPU, with --threads 1)")
-    ap.add_argument("--profile", action="store_true", help="cProfile the first and second calls (in the JSON)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first, second and stream calls (in the JSON)")
     ap.add_argument("--grid", type=int, default=0, help="also the PPL ratio at this many c in [0.01, 0.6]")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per shape")
     ap.add_argument("--out", default=None, help="all results as JSON (written atomically)")
