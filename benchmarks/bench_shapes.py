@@ -193,20 +193,35 @@ def run_child(args) -> dict:
     bs.log(f"{args.child}: {info['parameters'] / 1e6:.1f}M parameters, {n_blocks} x {block_len} tokens, "
            f"one forward {fwd_s * 1e3:.1f} ms")
 
-    def project(mode: str, label: str, profile: bool = False):
+    def project(mode: str, label: str, profile: bool = False, torch_profile: bool = False):
         bs.sync(device)
         t = time.perf_counter()
-        prof = None
+        prof = tprof = None
         if profile:
             import cProfile
 
             prof = cProfile.Profile()
             prof.enable()
+        if torch_profile:  # kernels and host operators (torch.profiler): where the device waits
+            from torch.profiler import ProfilerActivity, profile as torch_profiler
+
+            tprof = torch_profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            tprof.__enter__()
         probe = SparsityProbe(model, blocks, mode=mode, batch_size=batch, name=args.child)
         table = EvaluationTable([probe])
         res = search_ppl_p(probe, args.p, tol=args.tol, evaluations=table)
         bs.sync(device)
         wall = time.perf_counter() - t
+        if tprof is not None:
+            tprof.__exit__(None, None, None)
+            events = tprof.key_averages()
+            busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6  # s of kernels
+            key = label.replace(" ", "_")
+            out[f"torch_profile_{key}"] = {
+                "wall_s": wall, "device_busy_s": busy,
+                "by_device_time": events.table(sort_by="self_device_time_total", row_limit=25),
+                "by_host_time": events.table(sort_by="self_cpu_time_total", row_limit=25)}
+            bs.log(f"{args.child} {label} (torch.profiler): kernels {busy * 1e3:.1f} ms of {wall * 1e3:.1f} ms wall")
         if prof is not None:
             prof.disable()
             import io
@@ -224,9 +239,9 @@ def run_child(args) -> dict:
         return row, probe
 
     out["first"], _ = project("memory", "first call", profile=args.profile)
-    out["second"], _ = project("memory", "second call", profile=args.profile)
+    out["second"], _ = project("memory", "second call", profile=args.profile, torch_profile=args.torch_profile)
     if "stream" in args.modes:
-        out["stream"], _ = project("stream", "stream", profile=args.profile)
+        out["stream"], _ = project("stream", "stream", profile=args.profile, torch_profile=args.torch_profile)
     if args.grid:
         grid_probe = SparsityProbe(model, blocks, mode="memory", batch_size=batch, name=args.child)
         table = EvaluationTable([grid_probe])
@@ -310,6 +325,9 @@ def parse_args(argv=None):
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="time by the wall clock (default) or by the child's CPU time (a shared CPU, with --threads 1)")
     ap.add_argument("--profile", action="store_true", help="cProfile the first, second and stream calls (in the JSON)")
+    ap.add_argument("--torch-profile", action="store_true",
+                    help="torch.profiler on the second and stream calls: kernel time against wall time, top operators "
+                         "(in the JSON; timings of those calls include the profiler's overhead)")
     ap.add_argument("--grid", type=int, default=0, help="also the PPL ratio at this many c in [0.01, 0.6]")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per shape")
     ap.add_argument("--out", default=None, help="all results as JSON (written atomically)")
