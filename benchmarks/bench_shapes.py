@@ -203,7 +203,8 @@ def run_child(args) -> dict:
             prof = cProfile.Profile()
             prof.enable()
         if torch_profile:  # kernels and host operators (torch.profiler): where the device waits
-            from torch.profiler import ProfilerActivity, profile as torch_profiler
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profiler
 
             tprof = torch_profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             tprof.__enter__()
