@@ -203,6 +203,7 @@ def run_child(args) -> dict:
             prof = cProfile.Profile()
             prof.enable()
         if torch_profile:  # kernels and host operators (torch.profiler): where the device waits
+            from torch.autograd import DeviceType
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profiler
 
@@ -216,7 +217,8 @@ def run_child(args) -> dict:
         if tprof is not None:
             tprof.__exit__(None, None, None)
             events = tprof.key_averages()
-            busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6  # s of kernels
+            # the kernels' own entries only (an operator's row repeats its kernels' time)
+            busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6  # s
             key = label.replace(" ", "_")
             out[f"torch_profile_{key}"] = {
                 "wall_s": wall, "device_busy_s": busy,
