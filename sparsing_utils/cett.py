@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "CETTCurve",
     "NormHistogram",
+    "PendingCopy",
     "activation_limits",
     "all_finite",
     "cett_per_token",
@@ -37,6 +38,7 @@ __all__ = [
     "neuron_norms",
     "nonzero_norms",
     "pad_rows",
+    "refine_steps",
     "refine_thresholds",
     "sketch_projection",
     "sketch_weight",
@@ -112,6 +114,28 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+class PendingCopy:
+    """A device tensor's value on its way to the host, the host not waiting: on CUDA it is copied
+    into pinned memory behind an event, and :meth:`get` waits for that copy only (the kernels
+    queued after it keep the device busy meanwhile); elsewhere it is the tensor itself."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.is_cuda:
+            self.value = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.value.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.value = t
+
+    def get(self) -> torch.Tensor:
+        """The value on the host (waits for the copy on CUDA)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value
 
 
 # The two helpers below give what ``Tensor.norm`` and ``isfinite(x).all()`` give, through kernels
@@ -498,8 +522,23 @@ def refine_thresholds(evaluate, curve: CETTCurve, target: float, *, tol: float =
     CETT of every active layer (on all tokens); the curve gives the first guess and the local
     slope. Each iteration costs one evaluation (one product per unconverged layer). Returns
     ``(eps [layers], cett [layers], evaluations)``; layers whose target is out of reach keep
-    their best point.
+    their best point. The steps are those of :func:`refine_steps`, driven here.
     """
+    steps = refine_steps(curve, target, tol=tol, max_iter=max_iter)
+    try:
+        ask = next(steps)
+        while True:
+            ask = steps.send(evaluate(*ask))
+    except StopIteration as done:
+        return done.value
+
+
+def refine_steps(curve: CETTCurve, target: float, *, tol: float = 1e-4, max_iter: int = 8):
+    """:func:`refine_thresholds` as a generator, for callers that evaluate asynchronously: it yields
+    ``(eps [layers] float32, active [layers] bool)`` to evaluate, is sent the exact ``cett [layers]``
+    back, and returns ``(eps, cett, evaluations)`` (``StopIteration.value``). A layer's steps read
+    only its own evaluations, so one generator per layer gives each layer the same steps as one for
+    all layers (stream mode runs each layer's refinement inside its hook this way)."""
     eps = interpolate_thresholds(curve, target).double()
     layers = eps.numel()
     lo_e = torch.zeros(layers, dtype=torch.float64, device=eps.device)
@@ -512,7 +551,7 @@ def refine_thresholds(evaluate, curve: CETTCurve, target: float, *, tol: float =
     evals = 0
     best_e, best_c = eps.clone(), torch.full_like(lo_e, math.inf)
     for _ in range(max_iter):
-        c = evaluate(eps.float(), active).double().to(eps.device)
+        c = (yield eps.float(), active).double().to(eps.device)
         evals += 1
         cur_c = torch.where(active, c, cur_c)
         better = active & ((cur_c - target).abs() < (best_c - target).abs())

@@ -44,12 +44,14 @@ from torch import nn
 from .cett import (
     CETTCurve,
     NormHistogram,
+    PendingCopy,
     activation_limits,
     cett_statistics,
     compare_limits,
     host_to_device,
     interpolate_thresholds,
     l2_norm,
+    refine_steps,
     refine_thresholds,
     sketch_projection,
     sketch_weight,
@@ -523,41 +525,63 @@ class SparsityProbe:
 
     def _refine_in_one_pass(self, c: float, tol: float,
                             seen: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`~sparsing_utils.cett.refine_thresholds` of every layer inside its hook, in one dense
+        """:func:`~sparsing_utils.cett.refine_thresholds` of every layer inside the hooks of one dense
         pass stopped after the last layer. Each layer's refinement reads only its own curve and
-        evaluations, so its rounds are those of the batched refinement (the same thresholds and CETT,
-        bitwise); ``seen`` receives the evaluations as the batched rounds would (one ``[layers]``
-        column per round, NaN for the layers already done). The host reads the device once per round
-        and layer, inside the forward."""
+        evaluations, so its steps (:func:`~sparsing_utils.cett.refine_steps`, one generator per layer)
+        are those of the batched refinement (the same thresholds and CETT, bitwise); ``seen`` receives
+        the evaluations as the batched rounds would (one ``[layers]`` column per round, NaN for the
+        layers already done).
+
+        Pipelined (issue 10): a layer's hook launches the layer's first evaluation, then takes one step
+        for every earlier layer still refining, whose last evaluation was launched at an earlier hook;
+        the host waits for that evaluation's result only (:class:`~sparsing_utils.cett.PendingCopy`),
+        while the device runs the forward queued after it. The layers still refining after the last
+        hook finish in rounds, all of them per round."""
         curve = self._known_curve()
         found: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
+        refining: dict[int, dict] = {}  # layer -> its steps, activations and last evaluation in flight
         rows = TokenRows()
         tokens = float(max(1, self.n_tokens))
 
+        def launch(i: int, state: dict, eps: torch.Tensor) -> None:  # one exact evaluation, read later
+            e = eps.reshape(1).float().cpu()
+            limits = self._limits_of_layer(i, e.reshape(1, 1)).to(state["yn"].device)  # [1, d_ff]
+            total, _ = cett_statistics(state["a"], state["w_t"], self.col_norms[i], e, state["yn"],
+                                       blocks=state["blocks"], limits=limits, counts=False)
+            state["eps"], state["pending"] = e, PendingCopy(total.reshape(1))
+
+        def step(i: int) -> None:  # read layer i's last evaluation; launch its next one or finish
+            state = refining[i]
+            cett = state["pending"].get() / tokens  # float64, as _cett_sums' sums / token count
+            state["points"].append((state["eps"], cett.float()))
+            try:
+                eps, _ = state["steps"].send(cett)
+            except StopIteration as done:
+                eps, cett, _ = done.value
+                found[i] = (eps, cett, state["points"])
+                del refining[i]
+                return
+            launch(i, state, eps)
+
         def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
             i = site.index
-            av, yn = rows(a), l2_norm(rows(y))  # [tokens, d_ff] (MoE: ExpertRows), [tokens]
-            w_t = site.weight_t().detach()
-            points: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def evaluate(eps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:  # [1] -> [1]
-                e = eps.reshape(1).float().cpu()
-                limits = self._limits_of_layer(i, e.reshape(1, 1)).to(yn.device)  # [1, d_ff]
-                total, _ = cett_statistics(av, w_t, self.col_norms[i], e, yn, blocks=site.expert_blocks,
-                                           limits=limits, counts=False)
-                cett = total.reshape(1).cpu() / tokens  # float64, as _cett_sums' sums / token count
-                points.append((e, cett.float()))
-                return cett
-
-            layer_curve = CETTCurve(curve.eps[i:i + 1], curve.cett[i:i + 1])
-            eps, cett, _ = refine_thresholds(evaluate, layer_curve, c, tol=tol)
-            found[i] = (eps, cett, points)
-            if len(found) == len(self.sites):  # the rest of the forward is not needed
+            state = {"a": rows(a), "yn": l2_norm(rows(y)), "w_t": site.weight_t().detach(),  # [tokens, d_ff], [tokens]
+                     "blocks": site.expert_blocks, "points": [],
+                     "steps": refine_steps(CETTCurve(curve.eps[i:i + 1], curve.cett[i:i + 1]), c, tol=tol)}
+            eps, _ = next(state["steps"])
+            launch(i, state, eps)
+            for j in list(refining):  # the earlier layers: one step each
+                step(j)
+            refining[i] = state
+            if len(found) + len(refining) == len(self.sites):  # the rest of the forward is not needed
                 raise _EnoughLayers
 
         with read_activations(self.model, read, sites=self.sites, with_output=True, compact=True):
             self._run(f"CETT statistics ({self.name})", rows, compute_loss=False)
         self.dense_passes += 1
+        while refining:  # the last layers' remaining steps, a round at a time
+            for j in list(refining):
+                step(j)
         rounds = max(len(found[s.index][2]) for s in self.sites)
         self.cett_evaluations += rounds
         nan = torch.tensor([math.nan])

@@ -460,3 +460,24 @@ def test_curve_add_points_keeps_grid_sorted():
     merged = curve.add_points(torch.tensor([[2.0, 0.5]]), torch.tensor([[0.2, 0.05]]))
     assert merged.eps.tolist() == [[0.0, 0.5, 1.0, 2.0, 3.0]]
     assert torch.allclose(merged.cett, torch.tensor([[0.0, 0.05, 0.1, 0.2, 0.3]]))
+
+
+def test_pending_copy_on_the_cpu_is_the_tensor_itself():
+    from sparsing_utils.cett import PendingCopy
+
+    t = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    assert PendingCopy(t).get() is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy (pinned memory, event) exists on CUDA only")
+def test_pending_copy_from_cuda_waits_for_its_copy_only():
+    from sparsing_utils.cett import PendingCopy
+
+    x = torch.arange(6, dtype=torch.float64, device="cuda")
+    pending = PendingCopy(x * 2)
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):  # kernels queued after the copy
+        big = big @ big / 64
+    got = pending.get()
+    assert got.device.type == "cpu" and got.is_pinned()
+    assert torch.equal(got, torch.arange(6, dtype=torch.float64) * 2)

@@ -268,3 +268,42 @@ def test_stream_refines_every_layer_in_one_pass(padded):
     assert rounds > 3  # some target took more than one round
     assert probes["one pass"].dense_passes == 1 + 3  # prepare, then one per target
     assert probes["batches"].dense_passes == 1 + probes["batches"].cett_evaluations >= 1 + rounds
+
+
+def test_stream_refinement_is_pipelined_across_layers(monkeypatch):
+    """In the one-pass stream refinement a layer's later evaluations are taken at the hooks of the
+    layers after it (issue 10: the host waits for one evaluation while the device runs the forward
+    queued after it), not all in its own hook; the thresholds are still memory mode's, bitwise."""
+    import sparsing_utils.probe as probe_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=173, hidden_size=40, intermediate_size=97, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(11)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(12)
+    blocks = SimpleNamespace(input_ids=torch.randint(0, 173, (3, 33), generator=g))
+    blocks.attention_mask = torch.ones_like(blocks.input_ids)
+    memory = SparsityProbe(model, blocks, mode="memory", batch_size=3, curve_tokens=30).prepare()
+    stream = SparsityProbe(model, blocks, mode="stream", batch_size=3, curve_tokens=30).prepare()
+    layer_of = {s.weight_t().data_ptr(): s.index for s in stream.sites}
+    order: list[int] = []  # the layer of every exact evaluation, in the order they are launched
+    real = probe_module.cett_statistics
+    monkeypatch.setattr(probe_module, "cett_statistics",
+                        lambda a, w_t, *args, **kw: order.append(layer_of[w_t.data_ptr()]) or real(a, w_t, *args, **kw))
+    eps, cett = stream.thresholds_for(0.12)
+    monkeypatch.setattr(probe_module, "cett_statistics", real)
+    want_eps, want_cett = memory.thresholds_for(0.12)
+    assert torch.equal(eps, want_eps) and torch.equal(cett, want_cett)
+    layers = len(stream.sites)
+    firsts = [order.index(i) for i in range(layers)]
+    assert firsts == sorted(firsts)  # every layer starts at its own hook, in layer order
+    later = [(i, k) for k, i in enumerate(order) if k != firsts[i]]
+    assert later, "no layer needed a second evaluation: the test model does not exercise the pipeline"
+    for i, k in later:  # a second (or later) evaluation of layer i only after the next layer's hook
+        if i + 1 < layers:
+            assert k > firsts[i + 1], (i, order)
+    # per layer, the evaluations are those memory mode recorded for it (NaN where it was done)
+    per_layer = [order.count(i) for i in range(layers)]
+    recorded = torch.stack([e for e, _ in memory._exact_points], dim=1)  # [layers, rounds]
+    assert per_layer == (~recorded.isnan()).sum(dim=1).tolist()
