@@ -16,6 +16,7 @@ matrix product per chunk of tokens, on the device of the inputs, with float32 st
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -538,7 +539,10 @@ def refine_steps(curve: CETTCurve, target: float, *, tol: float = 1e-4, max_iter
     ``(eps [layers] float32, active [layers] bool)`` to evaluate, is sent the exact ``cett [layers]``
     back, and returns ``(eps, cett, evaluations)`` (``StopIteration.value``). A layer's steps read
     only its own evaluations, so one generator per layer gives each layer the same steps as one for
-    all layers (stream mode runs each layer's refinement inside its hook this way)."""
+    all layers (stream mode runs each layer's refinement inside its hook this way; a one-layer
+    curve takes :func:`_refine_one_layer`, the same steps in Python floats)."""
+    if curve.eps.shape[0] == 1:
+        return (yield from _refine_one_layer(curve, target, tol, max_iter))
     eps = interpolate_thresholds(curve, target).double()
     layers = eps.numel()
     lo_e = torch.zeros(layers, dtype=torch.float64, device=eps.device)
@@ -580,6 +584,53 @@ def refine_steps(curve: CETTCurve, target: float, *, tol: float = 1e-4, max_iter
         prev_e, prev_c = eps, cur_c
         eps = torch.where(active, new, eps)
     return best_e.float(), best_c.float(), evals
+
+
+def _refine_one_layer(curve: CETTCurve, target: float, tol: float, max_iter: int):
+    """:func:`refine_steps` of a one-layer curve with the steps in Python floats (IEEE doubles, as
+    the float64 tensors of the general case, operation for operation: the same thresholds bitwise,
+    ``tests/test_cett.py``) instead of a few dozen tensor operations on one element each: in stream
+    mode each layer's refinement runs inside its hook, where the host's time is the device's idle time
+    (issue 10)."""
+    eps = float(interpolate_thresholds(curve, target).double()[0])
+    grid_e = curve.eps.double()[0].tolist()
+    grid_c = curve.cett.double().cummax(dim=1).values[0].tolist()
+    k = len(grid_e)
+
+    def slope_at(x: float) -> float:  # _curve_slope of the one layer
+        hi = min(max(bisect.bisect_left(grid_e, x), 1), k - 1)
+        return (grid_c[hi] - grid_c[hi - 1]) / max(grid_e[hi] - grid_e[hi - 1], 1e-30)
+
+    lo_e, hi_e = 0.0, math.inf  # the bracket (its CETT values are not needed here)
+    prev_e = prev_c = None
+    best_e, best_c = eps, math.inf
+    evals = 0
+    for _ in range(max_iter):
+        asked = torch.tensor([eps], dtype=torch.float64).float(), torch.ones(1, dtype=torch.bool)
+        cur_c = float((yield asked).double()[0])
+        evals += 1
+        if abs(cur_c - target) < abs(best_c - target):
+            best_e, best_c = eps, cur_c
+        if cur_c < target and eps >= lo_e:
+            lo_e = eps
+        if cur_c >= target and eps <= hi_e:
+            hi_e = eps
+        if not abs(cur_c - target) > tol:
+            break
+        # Secant from the last two points; first step uses the curve's local slope.
+        de = None if prev_e is None else eps - prev_e
+        slope = slope_at(eps) if de is None or not abs(de) > 0 else (cur_c - prev_c) / de
+        if not slope > 0:
+            slope = slope_at(eps)
+        step = eps + (target - cur_c) / max(slope, 1e-30)
+        # Keep inside the bracket; bisect (geometrically on the finite side) when it escapes.
+        finite_hi = math.isfinite(hi_e)
+        mid = 0.5 * (lo_e + hi_e) if finite_hi else max(2 * eps, lo_e * 2 + 1e-12)
+        bad = not math.isfinite(step) or step <= lo_e or (finite_hi and step >= hi_e)
+        prev_e, prev_c = eps, cur_c
+        eps = mid if bad else step
+    return (torch.tensor([best_e], dtype=torch.float64).float(), torch.tensor([best_c], dtype=torch.float64).float(),
+            evals)
 
 
 def _curve_slope(curve: CETTCurve, at: torch.Tensor) -> torch.Tensor:

@@ -481,3 +481,45 @@ def test_pending_copy_from_cuda_waits_for_its_copy_only():
     got = pending.get()
     assert got.device.type == "cpu" and got.is_pinned()
     assert torch.equal(got, torch.arange(6, dtype=torch.float64) * 2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_layer_refinement_in_floats_takes_the_batched_steps_bitwise(seed):
+    """``refine_steps`` of a one-layer curve (Python floats, stream mode's path) asks for the same
+    thresholds, in the same order, and returns the same answer bitwise as the batched tensor steps of
+    the same layer inside a several-layer curve; on bumpy exact curves (not the grid's shape), for
+    targets below, inside and above the grid, including a layer whose target is out of reach."""
+    from sparsing_utils.cett import refine_steps
+
+    g = torch.Generator().manual_seed(seed)
+    layers, k = 3, 9
+    grid = torch.cat([torch.zeros(layers, 1), torch.rand(layers, k - 1, generator=g).cumsum(1) * 0.05], dim=1)
+    cett = torch.cat([torch.zeros(layers, 1), torch.rand(layers, k - 1, generator=g).cumsum(1)], dim=1)
+    cett = cett / cett[:, -1:] * 0.6  # [layers, K], up to 0.6
+    wiggle = torch.rand(layers, generator=g, dtype=torch.float64) * 0.02
+
+    def exact(eps: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:  # bumpy, monotone-ish, float64
+        e = eps.double()
+        w = wiggle[layer_ids]
+        return (1 - torch.exp(-e * 30.0)) * 0.7 + w * torch.sin(e * 400.0)
+
+    def drive(steps, layer_ids):
+        asked = []
+        try:
+            eps, _ = next(steps)
+            while True:
+                asked.append(eps.clone())
+                eps, _ = steps.send(exact(eps, layer_ids))
+        except StopIteration as done:
+            return asked, done.value
+
+    for target in (0.05, 0.2, 0.45, 0.69, 0.75):
+        curve = CETTCurve(grid, cett)
+        asked_all, (e_all, c_all, n_all) = drive(refine_steps(curve, target, tol=1e-4), list(range(layers)))
+        for i in range(layers):
+            one = CETTCurve(grid[i:i + 1], cett[i:i + 1])
+            asked, (e1, c1, n1) = drive(refine_steps(one, target, tol=1e-4), [i])
+            assert torch.equal(e1, e_all[i:i + 1]) and torch.equal(c1, c_all[i:i + 1]), (target, i)
+            # the layer's own asks: while it was active in the batched rounds
+            assert [float(a[0]) for a in asked] == [float(a[i]) for a in asked_all[:len(asked)]], (target, i)
+            assert n1 <= n_all
