@@ -178,6 +178,64 @@ def main():
         f"cett sum diff {float(r0[0] - r1[0]):.3g}, counts {same(r0[1], r1[1])}")
     row("CETT evaluation: where, no activated count", cett_nocount, f"cett sum diff {float(r0[0] - cett_nocount()):.3g}")
 
+    # --- session 7: the exact evaluation as _cett_sums runs it (truncated_statistics, counts off) ---
+    lim_row = lim_low.unsqueeze(0)  # [1, d_ff], the limits of one threshold
+
+    def eval_mul():  # abs, <= (broadcast limits), bf16 x bool product, matmul, l2_norm via float/pow/sum/sqrt
+        tail = a.abs().unsqueeze(0) <= lim_row.unsqueeze(1)
+        s = (a.unsqueeze(0) * tail).reshape(-1, D) @ w_t
+        return s.float().pow(2).sum(-1).sqrt()
+
+    def eval_where():  # the product of the rows masked by where (no bf16 x bool type promotion)
+        s = torch.where(a.abs() <= lim_row, a, 0) @ w_t
+        return s.float().pow(2).sum(-1).sqrt()
+
+    def eval_where_vnorm():
+        s = torch.where(a.abs() <= lim_row, a, 0) @ w_t
+        return torch.linalg.vector_norm(s, dim=-1, dtype=torch.float32)
+
+    def eval_where_sqsum():  # squares summed in float32 by one reduction over the bf16 product
+        s = torch.where(a.abs() <= lim_row, a, 0) @ w_t
+        return torch.sum(s.float().square(), dim=-1).sqrt()
+
+    e0 = eval_mul()
+    row("exact eval (one layer) now: abs, <= broadcast, mul bf16 x bool, mm, float-pow-sum-sqrt", eval_mul)
+    row("exact eval: where(|a| <= lim, a, 0), mm, float-pow-sum-sqrt", eval_where, same(e0, eval_where()))
+    row("exact eval: where, mm, linalg.vector_norm(dtype=float32)", eval_where_vnorm, same(e0, eval_where_vnorm()))
+    row("exact eval: where, mm, square-sum-sqrt", eval_where_sqsum, same(e0, eval_where_sqsum()))
+    row("  where(|a| <= lim, a, 0) alone", lambda: torch.where(a.abs() <= lim_row, a, 0))
+    row("  |a| <= lim (broadcast) alone", lambda: a.abs() <= lim_row)
+    s_b = torch.where(a.abs() <= lim_row, a, 0) @ w_t
+    row("  norm of the bf16 product: float-pow-sum-sqrt", lambda: s_b.float().pow(2).sum(-1).sqrt())
+    row("  norm of the bf16 product: linalg.vector_norm(dtype=float32)",
+        lambda: torch.linalg.vector_norm(s_b, dim=-1, dtype=torch.float32))
+
+    # --- session 7: the sparse pass's edit and count as apply_rule runs them ---
+    def edit_sparsify():
+        mag = a.abs()
+        keep = mag > lim_low
+        new = torch.mul(a, keep, out=mag)
+        return new, keep.sum(dim=-1, dtype=torch.float32)
+
+    def edit_where_int():
+        keep = a.abs() > lim_low
+        return torch.where(keep, a, 0), keep.sum(dim=-1).float()
+
+    def edit_where_i32():
+        keep = a.abs() > lim_low
+        return torch.where(keep, a, 0), keep.sum(dim=-1, dtype=torch.int32).float()
+
+    r0 = edit_sparsify()
+    row("edit + count now: abs, >, mul(out=|a|), sum(dtype=float32)", edit_sparsify)
+    for name, fn in [("edit + count: abs, >, where, sum() int64 -> float", edit_where_int),
+                     ("edit + count: abs, >, where, sum(dtype=int32) -> float", edit_where_i32)]:
+        r1 = fn()
+        row(name, fn, f"values {same(r0[0], r1[0])}, counts {same(r0[1], r1[1])}")
+    kp = a.abs() > lim_low
+    row("  count: sum(dtype=float32)", lambda: kp.sum(dim=-1, dtype=torch.float32))
+    row("  count: sum() int64", lambda: kp.sum(dim=-1))
+    row("  count: sum(dtype=int32)", lambda: kp.sum(dim=-1, dtype=torch.int32))
+
     # --- the guide curve's histogram (cett.NormHistogram.add) on 1,024 tokens ---
     sub = (a[:1024].float().abs() * cn).reshape(-1)
     bins = 18 * 256

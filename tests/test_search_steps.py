@@ -274,8 +274,9 @@ def test_stream_refinement_is_pipelined_across_layers(monkeypatch):
     """In the one-pass stream refinement a layer's later evaluations are taken at the hooks of the
     layers after it (issue 10: the host waits for one evaluation while the device runs the forward
     queued after it), not all in its own hook; the thresholds are still memory mode's, bitwise."""
-    import sparsing_utils.probe as probe_module
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sparsing_utils.probe as probe_module
 
     cfg = LlamaConfig(vocab_size=173, hidden_size=40, intermediate_size=97, num_hidden_layers=5,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
