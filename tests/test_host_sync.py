@@ -147,5 +147,9 @@ def test_cuda_synchronisations_do_not_grow_with_depth(mode):
             out[phase] = sum("synchronizing" in str(w.message) for w in caught)
         return out
 
+    # The first probe of a process pays one-off synchronisations (on the H200: one more in `prepare`,
+    # inside torch.cuda, 11 against 10 when [memory] ran first, while [stream], run second, agreed):
+    # counted after a throwaway run, so that only a growth with depth fails the test.
+    syncs(2)
     shallow, deep = syncs(2), syncs(5)
     assert deep == shallow, (shallow, deep)
