@@ -365,20 +365,20 @@ class SparsityProbe:
 
     def _limits_of_layer(self, i: int, eps: torch.Tensor) -> torch.Tensor:
         """:meth:`_limits` of one layer, ``eps [1, M]`` (host) -> ``[M, d_ff]`` on the device: the same values."""
-        lim = compare_limits(activation_limits(self.host_col_norms[i], eps[0]), self._act_dtype[i]).float()
-        return host_to_device(lim, self.device).to(self._act_dtype[i])
+        lim = compare_limits(activation_limits(self.host_col_norms[i], eps[0]), self._act_dtype[i])
+        return host_to_device(lim.to(self._act_dtype[i]), self.device)  # exact: the values are of that dtype
 
     def _limits(self, eps: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's limits on ``|a|`` for thresholds ``eps [layers, M]`` (host):
         :func:`~sparsing_utils.cett.activation_limits` made comparable in the activations' own dtype
         (:func:`~sparsing_utils.cett.compare_limits`), computed on the host and copied to the device
         in one transfer: ``[M, d_ff]`` per layer."""
-        if self._stacked_col_norms is not None:  # every layer alike: one set of host operations
+        if self._stacked_col_norms is not None:  # every layer alike: one set of host operations, one dtype
             lim = compare_limits(activation_limits(self._stacked_col_norms, eps), self._act_dtype[0])  # [L, M, d_ff]
-            flat = list(lim.float().reshape(len(self.sites), -1))
-        else:
-            flat = [compare_limits(activation_limits(cn, eps[i]), self._act_dtype[i]).float().reshape(-1)
-                    for i, cn in enumerate(self.host_col_norms)]  # float32 holds every bf16/fp16 value exactly
+            dev = host_to_device(lim.to(self._act_dtype[0]), self.device)  # exact: the values are of that dtype
+            return list(dev.view(len(self.sites), eps.shape[1], -1))  # [M, d_ff] per layer, no kernel
+        flat = [compare_limits(activation_limits(cn, eps[i]), self._act_dtype[i]).float().reshape(-1)
+                for i, cn in enumerate(self.host_col_norms)]  # float32 holds every bf16/fp16 value exactly
         dev = host_to_device(torch.cat(flat), self.device)
         out, start = [], 0
         for i, f in enumerate(flat):
