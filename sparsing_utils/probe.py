@@ -83,6 +83,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Stream mode's one-pass refinement (SparsityProbe._refine_in_one_pass): a layer's evaluations may run
+# at most this many layers' hooks behind its own, so that at most this many more layers' activations
+# ``[tokens, d_ff]`` are held at once than one (issue 10; most layers need one or two evaluations).
+PIPELINE_LAYERS = 2
+
+
 class SparsityProbe:
     """One model on one set of token blocks: the dense pass is computed once, here.
 
@@ -535,8 +541,9 @@ class SparsityProbe:
         Pipelined (issue 10): a layer's hook launches the layer's first evaluation, then takes one step
         for every earlier layer still refining, whose last evaluation was launched at an earlier hook;
         the host waits for that evaluation's result only (:class:`~sparsing_utils.cett.PendingCopy`),
-        while the device runs the forward queued after it. The layers still refining after the last
-        hook finish in rounds, all of them per round."""
+        while the device runs the forward queued after it. A layer still refining
+        :data:`PIPELINE_LAYERS` hooks later finishes there (at most that many more layers' activations are
+        held than before); those still refining after the last hook finish in rounds, all of them per round."""
         curve = self._known_curve()
         found: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
         refining: dict[int, dict] = {}  # layer -> its steps, activations and last evaluation in flight
@@ -572,6 +579,8 @@ class SparsityProbe:
             launch(i, state, eps)
             for j in list(refining):  # the earlier layers: one step each
                 step(j)
+                while j in refining and i - j >= PIPELINE_LAYERS:  # finished here: bounded memory
+                    step(j)
             refining[i] = state
             if len(found) + len(refining) == len(self.sites):  # the rest of the forward is not needed
                 raise _EnoughLayers

@@ -301,9 +301,11 @@ def test_stream_refinement_is_pipelined_across_layers(monkeypatch):
     assert firsts == sorted(firsts)  # every layer starts at its own hook, in layer order
     later = [(i, k) for k, i in enumerate(order) if k != firsts[i]]
     assert later, "no layer needed a second evaluation: the test model does not exercise the pipeline"
-    for i, k in later:  # a second (or later) evaluation of layer i only after the next layer's hook
-        if i + 1 < layers:
+    for i, k in later:  # a second (or later) evaluation of layer i only after the next layer's hook,
+        if i + 1 < layers:  # and none after the hook PIPELINE_LAYERS + 1 layers on (bounded memory)
             assert k > firsts[i + 1], (i, order)
+        if i + probe_module.PIPELINE_LAYERS + 1 < layers:
+            assert k < firsts[i + probe_module.PIPELINE_LAYERS + 1], (i, order)
     # per layer, the evaluations are those memory mode recorded for it (NaN where it was done)
     per_layer = [order.count(i) for i in range(layers)]
     recorded = torch.stack([e for e, _ in memory._exact_points], dim=1)  # [layers, rounds]
