@@ -228,21 +228,29 @@ def test_stream_statistics_stop_after_the_last_layer_needed(trained_llama):
     assert float(s[1, 0]) == 0.0  # not computed
 
 
+def _random_llama(*, vocab: int, hidden: int, d_ff: int, layers: int, n_blocks: int, block_len: int, seed: int):
+    """A random Llama of odd sizes (4 query heads, 2 key-value heads) and uniform token blocks
+    (model seed ``seed``, tokens seed ``seed + 1``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * block_len,
+                      initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    blocks = SimpleNamespace(input_ids=torch.randint(0, vocab, (n_blocks, block_len), generator=g))
+    blocks.attention_mask = torch.ones_like(blocks.input_ids)
+    return model, blocks
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_stream_refines_every_layer_in_one_pass(padded):
     """Stream mode with every block in one batch refines each layer's threshold inside its hook: one
     dense pass per target instead of one per round of evaluations, with bitwise the thresholds, CETT,
     evaluation count and recorded exact points of memory mode (and of stream mode in several batches,
     which keeps a pass per round). A random Llama of odd sizes, one block padded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=211, hidden_size=48, intermediate_size=131, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(6)
-    blocks = SimpleNamespace(input_ids=torch.randint(0, 211, (5, 41), generator=g))
-    blocks.attention_mask = torch.ones_like(blocks.input_ids)
+    model, blocks = _random_llama(vocab=211, hidden=48, d_ff=131, layers=4, n_blocks=5, block_len=41, seed=5)
     if padded:
         blocks.attention_mask[3, 30:] = 0
     probes = {"memory": SparsityProbe(model, blocks, mode="memory", batch_size=5, curve_tokens=40),
@@ -274,17 +282,9 @@ def test_stream_refinement_is_pipelined_across_layers(monkeypatch):
     """In the one-pass stream refinement a layer's later evaluations are taken at the hooks of the
     layers after it (issue 10: the host waits for one evaluation while the device runs the forward
     queued after it), not all in its own hook; the thresholds are still memory mode's, bitwise."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import sparsing_utils.probe as probe_module
 
-    cfg = LlamaConfig(vocab_size=173, hidden_size=40, intermediate_size=97, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
-    torch.manual_seed(11)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(12)
-    blocks = SimpleNamespace(input_ids=torch.randint(0, 173, (3, 33), generator=g))
-    blocks.attention_mask = torch.ones_like(blocks.input_ids)
+    model, blocks = _random_llama(vocab=173, hidden=40, d_ff=97, layers=5, n_blocks=3, block_len=33, seed=11)
     memory = SparsityProbe(model, blocks, mode="memory", batch_size=3, curve_tokens=30).prepare()
     stream = SparsityProbe(model, blocks, mode="stream", batch_size=3, curve_tokens=30).prepare()
     layer_of = {s.weight_t().data_ptr(): s.index for s in stream.sites}
