@@ -19,6 +19,7 @@ process, so that sampling's kernels do not hide the search's first-use costs in 
     python benchmarks/count_syncs.py --model smollm2-shape --device cuda --data self --gen-len 64 \\
         --gen-batch 256 --save-ids /tmp/ids.pt --ids-only
     python benchmarks/count_syncs.py --model smollm2-shape --device cuda --load-ids /tmp/ids.pt
+    python benchmarks/count_syncs.py --shape gpt-neox-12x768 --device cuda --data random --mode stream
 
 ``--data random`` skips the sampling (uniform ids: PPL-1% may then be out of reach and the
 search runs to its step limit; the per-phase counts are still meaningful). On the CPU the
@@ -29,15 +30,18 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import math
 import os
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_search as bs
+import bench_shapes as bsh
 
 from sparsing_utils.jsonio import atomic_write_json
 from sparsing_utils.probe import SparsityProbe
@@ -87,18 +91,39 @@ def kernel_ms(device: torch.device, fn) -> float | None:
     return total / 1e3
 
 
+def shape_model(args):
+    """``(model, blocks, info)`` of a ``bench_shapes.py`` shape: its sizes for the device, 8 x 2048 tokens on
+    CUDA (16 x 128 on the CPU), uniform random or sampled from the model (``--data``)."""
+    device = bs._device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n_blocks, block_len = bsh.TOKENS[device.type]
+    model, info = bsh.build_model(args.shape, device, dtype, args.seed, block_len)
+    if args.data == "random":
+        ids = torch.randint(0, info["vocab"], (n_blocks, block_len), generator=torch.Generator().manual_seed(args.seed))
+    else:
+        gen_len = bsh.GEN_LEN[device.type]
+        ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
+                                    batch_size=n_blocks * math.ceil(block_len / gen_len))
+    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return model, blocks, {"model": args.shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                           "tokens": n_blocks * block_len, "block_len": block_len, "n_blocks": n_blocks,
+                           "data": args.data, "model_info": info}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     bs.add_model_args(ap)
     ap.add_argument("--p", type=float, default=1.0, help="the whole search's PPL-p%% target (default 1)")
     ap.add_argument("--c", type=float, default=0.15, help="CETT target of the thresholds_for / sparse pass phases")
     ap.add_argument("--mode", default="memory", choices=["memory", "stream"])
+    ap.add_argument("--shape", default=None, choices=sorted(bsh.SHAPES),
+                    help="a model shape of bench_shapes.py instead of --model (its sizes, 8 x 2048 tokens on CUDA)")
     ap.add_argument("--where", type=int, default=8, help="source lines listed per phase (most synchronisations first)")
     ap.add_argument("--ids-only", action="store_true", help="make (and --save-ids) the token ids, then stop")
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    model, blocks, info = bs.build(args)
+    model, blocks, info = shape_model(args) if args.shape else bs.build(args)
     if args.ids_only:
         return
     device = next(model.parameters()).device
