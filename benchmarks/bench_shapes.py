@@ -245,6 +245,12 @@ def run_child(args) -> dict:
     out["second"], _ = project("memory", "second call", profile=args.profile, torch_profile=args.torch_profile)
     if "stream" in args.modes:
         out["stream"], _ = project("stream", "stream", profile=args.profile, torch_profile=args.torch_profile)
+        # more (memory, stream) pairs, alternating: one pair's ratio is noisy (host jitter)
+        out["pairs"] = [{"memory_s": out["second"]["wall_s"], "stream_s": out["stream"]["wall_s"]}]
+        for i in range(2, args.pairs + 1):
+            m, _ = project("memory", f"memory {i}")
+            s, _ = project("stream", f"stream {i}")
+            out["pairs"].append({"memory_s": m["wall_s"], "stream_s": s["wall_s"]})
     if args.grid:
         grid_probe = SparsityProbe(model, blocks, mode="memory", batch_size=batch, name=args.child)
         table = EvaluationTable([grid_probe])
@@ -298,13 +304,17 @@ def table(rows: list[dict], target: float) -> str:
 
 
 def ratios(rows: list[dict]) -> str:
-    lines = ["| shape | stream / memory (both warm) | reference / project first call |", "|---|---:|---:|"]
+    lines = ["| shape | stream / memory (both warm) | median over pairs (pairs) | reference / project first call |",
+             "|---|---:|---:|---:|"]
     for r in rows:
         if "first" not in r:
             continue
         sm = r["stream"]["wall_s"] / r["second"]["wall_s"] if "stream" in r else math.nan
+        each = sorted(q["stream_s"] / q["memory_s"] for q in r.get("pairs", []))
+        med = (each[(len(each) - 1) // 2] + each[len(each) // 2]) / 2 if each else math.nan
         rp = r["reference"]["wall_s"] / r["first"]["wall_s"] if "reference" in r else math.nan
-        lines.append(f"| {r['shape']} | {sm:.2f} | " + ("not run |" if math.isnan(rp) else f"{rp:.0f}x |"))
+        lines.append(f"| {r['shape']} | {sm:.2f} | {med:.2f} ({len(each)}) | "
+                     + ("not run |" if math.isnan(rp) else f"{rp:.0f}x |"))
     return "\n".join(lines)
 
 
@@ -331,6 +341,8 @@ def parse_args(argv=None):
     ap.add_argument("--torch-profile", action="store_true",
                     help="torch.profiler on the second and stream calls: kernel time against wall time, top operators "
                          "(in the JSON; timings of those calls include the profiler's overhead)")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="(memory, stream) pairs of warm calls, alternating; the ratio's median is printed (default 1)")
     ap.add_argument("--grid", type=int, default=0, help="also the PPL ratio at this many c in [0.01, 0.6]")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per shape")
     ap.add_argument("--out", default=None, help="all results as JSON (written atomically)")
@@ -341,6 +353,8 @@ def parse_args(argv=None):
     bad = [n for n in names if n not in SHAPES]
     if bad:
         ap.error(f"unknown shape(s) {bad}: choose from {', '.join(SHAPES)}")
+    if args.pairs < 1:
+        ap.error(f"--pairs must be at least 1, got {args.pairs}")
     args.names = names
     return args
 

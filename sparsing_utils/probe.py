@@ -572,7 +572,9 @@ class SparsityProbe:
 
         def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
             i = site.index
-            state = {"a": rows(a), "yn": l2_norm(rows(y)), "w_t": site.weight_t().detach(),  # [tokens, d_ff], [tokens]
+            av = rows(a)  # [tokens, d_ff]; an MoE layer's sorted once here, not in each evaluation
+            state = {"a": av.sorted() if isinstance(av, ExpertRows) else av, "yn": l2_norm(rows(y)),  # [tokens]
+                     "w_t": site.weight_t().detach(),
                      "blocks": site.expert_blocks, "points": [],
                      "steps": refine_steps(CETTCurve(curve.eps[i:i + 1], curve.cett[i:i + 1]), c, tol=tol)}
             eps, _ = next(state["steps"])
