@@ -45,6 +45,7 @@ from sparsing_utils.rules import CETTRule
 from sparsing_utils.search import EvaluationTable, _next_c, log_ratio_se, search_ppl_p
 
 LAGS = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)  # in log c
+TREND_WIDTH = 0.08  # in log c: the replay's smoothing of the measured ratios into a trend
 
 
 def variogram(x: np.ndarray, y: np.ndarray, lags=LAGS) -> dict[str, float]:
@@ -59,6 +60,17 @@ def variogram(x: np.ndarray, y: np.ndarray, lags=LAGS) -> dict[str, float]:
     return out
 
 
+def near_crossing(result: dict, width: float = 0.03) -> tuple[float, int]:
+    """The share of fine points within the tolerance among those within ``width`` (in ``log c``) of
+    where the fine grid's straight-line trend of ``log r`` crosses the target, and their number."""
+    x = np.log([r["c"] for r in result["fine"]])
+    y = np.array([r["log_ratio"] for r in result["fine"]])
+    slope, icept = np.polyfit(x, y, 1)
+    near = np.abs(x - (math.log(result["target"]) - icept) / slope) <= width
+    hits = [abs(r["ppl_ratio"] - result["target"]) <= result["tol"] for r, n in zip(result["fine"], near) if n]
+    return (float(np.mean(hits)) if hits else math.nan), len(hits)
+
+
 def evaluate(probe: SparsityProbe, c: float) -> dict:
     eps, _ = probe.thresholds_for(float(c))
     stats = probe.sparse_pass(CETTRule(eps))
@@ -68,26 +80,27 @@ def evaluate(probe: SparsityProbe, c: float) -> dict:
 
 def replay(result: dict, runs: int, seed: int = 0) -> dict:
     """The search's step rule (:func:`~sparsing_utils.search._next_c`) on a simulated ratio: the
-    measured trend (a quadratic in ``log c`` of ``log(ratio - 1)``, fitted to the coarse and fine points
-    within a factor 3 of ``c*`` with ``ratio - 1 > 0.002``) plus white bumps of the fine grid's measured
-    size, a new draw at every ``c`` (what the variogram shows), from ``c = 0.1`` as the search starts.
+    measured trend (the coarse and fine points smoothed with a Gaussian kernel of width
+    :data:`TREND_WIDTH` in ``log c``) plus white bumps of the fine grid's measured size, a new draw at
+    every ``c`` (what the variogram shows), from ``c = 0.1`` as the search starts; the points'
+    standard errors against the dense pass (the search's floors) as measured nearest their ``c``.
     Against the best any rule can do with these bumps: an oracle that knows the trend and, after the
     first point, draws at its crossing until one lands within the tolerance."""
-    s, target, tol = result["summary"], result["target"], result["tol"]
-    pts = [(r["c"], r["ppl_ratio"]) for r in result["coarse"] + result["fine"]
-           if r["ppl_ratio"] - 1 > 0.002 and abs(math.log(r["c"] / s["c_star"])) <= math.log(3.0)]
-    coef = np.polyfit(np.log([c for c, _ in pts]), np.log([r - 1 for _, r in pts]), 2)
+    target, tol = result["target"], result["tol"]
+    measured = sorted((r["c"], r["ppl_ratio"], r["se"]) for r in result["coarse"] + result["fine"])
+    lc = np.log([c for c, _, _ in measured])
+    ratio = np.array([r for _, r, _ in measured])
+    se = np.array([e for _, _, e in measured])
     x = np.log([r["c"] for r in result["fine"]])
     y = np.array([r["log_ratio"] for r in result["fine"]])
     sd = float(np.std(y - np.polyval(np.polyfit(x, y, 1), x)))  # the bumps, in log ratio ~ ratio units
 
     def trend(c: float) -> float:
-        return 1.0 + math.exp(float(np.polyval(coef, math.log(c))))
-
-    measured = sorted((r["c"], r["se"]) for r in result["coarse"] + result["fine"])
+        w = np.exp(-0.5 * ((lc - math.log(c)) / TREND_WIDTH) ** 2)
+        return float((w * ratio).sum() / w.sum())
 
     def floor(c: float) -> float:  # the standard error of log r against the dense pass, as measured near c
-        return float(np.interp(math.log(c), [math.log(q) for q, _ in measured], [e for _, e in measured]))
+        return float(np.interp(math.log(c), lc, se))
 
     rng = np.random.default_rng(seed)
     counts, oracle = [], []
@@ -154,17 +167,39 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--replay", default=None, metavar="JSON",
                     help="no model: replay the step rule on the bumps of an earlier --out (see replay())")
     ap.add_argument("--runs", type=int, default=2000, help="simulated searches per shape (--replay)")
+    ap.add_argument("--vary", default=None, metavar="NAME=V1,V2",
+                    help="--replay with each value of a constant of sparsing_utils.search (PRIOR_SLOPE, CURVATURE)")
     args = ap.parse_args(argv)
+    if args.vary and not args.replay:
+        ap.error("--vary needs --replay")
     if args.replay:
         with open(args.replay) as f:
             results = json.load(f)["results"]
-        print("| shape | bumps sd | mean sparse passes: the rule | oracle | P(<= 2 / 3 / 4 passes): the rule | oracle |"
-              "\n|---|---:|---:|---:|---|---|")
+        if args.vary:
+            from sparsing_utils import search
+
+            name, _, values = args.vary.partition("=")
+            if name not in ("PRIOR_SLOPE", "CURVATURE") or not values:
+                ap.error(f"--vary takes PRIOR_SLOPE=... or CURVATURE=..., got {args.vary!r}")
+            default = getattr(search, name)
+            print(f"| {name} | " + " | ".join(r["shape"] for r in results) + " | mean |\n|---:|"
+                  + "---:|" * (len(results) + 1))
+            try:
+                for v in [default] + [float(x) for x in values.split(",")]:
+                    setattr(search, name, v)
+                    means = [replay(r, args.runs, args.seed)["passes_mean"] for r in results]
+                    print(f"| {v:g} | " + " | ".join(f"{m:.2f}" for m in means) + f" | {np.mean(means):.2f} |")
+            finally:
+                setattr(search, name, default)
+            return results
+        print("| shape | fine points within tol near the crossing (points) | bumps sd | mean sparse passes: the rule "
+              "| oracle | P(<= 2 / 3 / 4 passes): the rule | oracle |\n|---|---:|---:|---:|---:|---|---|")
         for r in results:
             q = replay(r, args.runs, args.seed)
             fmt = " / ".join(f"{q['passes_at_most'][k]:.2f}" for k in (2, 3, 4))
             fmo = " / ".join(f"{q['oracle_at_most'][k]:.2f}" for k in (2, 3, 4))
-            print(f"| {r['shape']} | {q['bumps_sd']:.5f} | {q['passes_mean']:.2f} | {q['oracle_mean']:.2f} "
+            share, n = near_crossing(r)
+            print(f"| {r['shape']} | {'-' if n == 0 else f'{share:.2f}'} ({n}) | {q['bumps_sd']:.5f} | {q['passes_mean']:.2f} | {q['oracle_mean']:.2f} "
                   f"| {fmt} | {fmo} |")
         return results
     shapes = args.shapes.split(",") if args.shapes else bsh.DEFAULT_SHAPES["cuda"]
