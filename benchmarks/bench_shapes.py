@@ -355,6 +355,8 @@ def parse_args(argv=None):
         ap.error(f"unknown shape(s) {bad}: choose from {', '.join(SHAPES)}")
     if args.pairs < 1:
         ap.error(f"--pairs must be at least 1, got {args.pairs}")
+    if args.pairs > 1 and "stream" not in args.modes:
+        ap.error("--pairs times (memory, stream) pairs: add stream to --modes")
     args.names = names
     return args
 

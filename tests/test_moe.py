@@ -561,6 +561,34 @@ def test_memory_and_stream_modes_agree_and_results_carry_both_ratios(tmp_path):
     assert count_hooks(model) == 0
 
 
+def test_stream_refinement_sorts_each_moe_layer_once(monkeypatch):
+    """Stream mode refines every layer inside its hook with several exact evaluations of the same
+    activations: an MoE layer's expert rows are put in token order once per hook, not once per
+    evaluation (issue 10: 178 sorts in a 12-pass call on the H200), and the thresholds stay memory mode's."""
+    from sparsing_utils.expert_rows import ExpertRows
+
+    model = build("mixtral")
+    x = ids(batch=6, seq=33, seed=1)
+    sorts = []
+    real_sorted = ExpertRows.sorted
+
+    def counting(self):
+        if not self.ascending:
+            sorts.append(self.n_tokens)
+        return real_sorted(self)
+
+    memory = SparsityProbe(model, Blocks(x), mode="memory")
+    eps_memory, _ = memory.thresholds_for(0.2)
+    stream = SparsityProbe(model, Blocks(x), mode="stream")
+    stream.prepare()
+    monkeypatch.setattr(ExpertRows, "sorted", counting)
+    evaluations = stream.cett_evaluations
+    eps_stream, _ = stream.thresholds_for(0.2)
+    assert stream.cett_evaluations - evaluations >= 2  # several rounds read the same sorted rows
+    assert len(sorts) == len(stream.sites) == 3  # one per MoE layer's hook
+    torch.testing.assert_close(eps_stream, eps_memory, rtol=0, atol=0)
+
+
 def test_sparsing_measure_on_an_moe_folder(tmp_path, capsys):
     """The command line on a saved tiny Qwen2-MoE (model folder + the character tokenizer), stream mode:
     the table gets the ran-experts column and the JSON both ratios per result."""
