@@ -60,12 +60,18 @@ def variogram(x: np.ndarray, y: np.ndarray, lags=LAGS) -> dict[str, float]:
     return out
 
 
+def fine_line(fine: list[dict]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``x = log c`` and ``y = log r`` of the fine grid, and the slope and intercept of their straight line."""
+    x = np.log([r["c"] for r in fine])
+    y = np.array([r["log_ratio"] for r in fine])
+    slope, icept = np.polyfit(x, y, 1)
+    return x, y, float(slope), float(icept)
+
+
 def near_crossing(result: dict, width: float = 0.03) -> tuple[float, int]:
     """The share of fine points within the tolerance among those within ``width`` (in ``log c``) of
     where the fine grid's straight-line trend of ``log r`` crosses the target, and their number."""
-    x = np.log([r["c"] for r in result["fine"]])
-    y = np.array([r["log_ratio"] for r in result["fine"]])
-    slope, icept = np.polyfit(x, y, 1)
+    x, _, slope, icept = fine_line(result["fine"])
     near = np.abs(x - (math.log(result["target"]) - icept) / slope) <= width
     hits = [abs(r["ppl_ratio"] - result["target"]) <= result["tol"] for r, n in zip(result["fine"], near) if n]
     return (float(np.mean(hits)) if hits else math.nan), len(hits)
@@ -91,9 +97,8 @@ def replay(result: dict, runs: int, seed: int = 0) -> dict:
     lc = np.log([c for c, _, _ in measured])
     ratio = np.array([r for _, r, _ in measured])
     se = np.array([e for _, _, e in measured])
-    x = np.log([r["c"] for r in result["fine"]])
-    y = np.array([r["log_ratio"] for r in result["fine"]])
-    sd = float(np.std(y - np.polyval(np.polyfit(x, y, 1), x)))  # the bumps, in log ratio ~ ratio units
+    x, y, slope, icept = fine_line(result["fine"])
+    sd = float(np.std(y - (slope * x + icept)))  # the bumps, in log ratio ~ ratio units
 
     def trend(c: float) -> float:
         w = np.exp(-0.5 * ((lc - math.log(c)) / TREND_WIDTH) ** 2)
@@ -139,11 +144,10 @@ def run_shape(name: str, args) -> dict:
     target = 1.0 + args.p / 100.0
     coarse = [evaluate(probe, c) for c in np.exp(np.linspace(math.log(0.03), math.log(0.6), args.coarse))]
     fine = [evaluate(probe, c) for c in c_star * np.exp(np.linspace(-args.window, args.window, args.fine))]
-    x = np.log([r["c"] for r in fine])
-    y = np.array([r["log_ratio"] for r in fine])
+    x, y, slope, _ = fine_line(fine)
     within = [abs(r["ppl_ratio"] - target) <= args.tol for r in fine]
     summary = {"c_star": c_star, "search_passes": res.sparse_passes, "variogram": variogram(x, y),
-               "slope_per_log_c": float(np.polyfit(x, y, 1)[0]), "fine_within_tol": float(np.mean(within)),
+               "slope_per_log_c": slope, "fine_within_tol": float(np.mean(within)),
                "median_se": float(np.median([r["se"] for r in fine])), "seconds": time.perf_counter() - t0}
     bs.log(f"{name}: c* {c_star:.4f} ({res.sparse_passes} passes); within tol {summary['fine_within_tol']:.2f}; "
            f"variogram {summary['variogram']}")
