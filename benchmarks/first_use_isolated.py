@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # name -> statement; the names a, a32, keep, lim32, lim16, w_t, logits, target, idx, x32, x64, ints,
-# cpu_ids are defined in the child (shapes of one layer of a SmolLM2-sized model, 4,096 tokens).
+# cpu_ids, flat are defined in the child (shapes of one layer of a SmolLM2-sized model, 4,096 tokens).
 OPS = {
     "noop (a + 0)": "a + 0",
     "abs bf16": "a.abs()",
@@ -51,6 +51,13 @@ OPS = {
     "clamp f32": "x32.clamp(-1, 1)",
     "isfinite all": "torch.isfinite(a).all()",
     "cross_entropy f32": "F.cross_entropy(logits, target, reduction='none')",
+    "cross_entropy f32 ignore_index (the search loss)": "F.cross_entropy(logits, target, reduction='none', ignore_index=-100)",
+    "log_softmax + index_select at host indices (the NLL)": "logits.log_softmax(-1).view(-1).index_select(0, flat)",
+    "index_select f32 at host indices": "logits.view(-1).index_select(0, flat)",
+    "neg f32": "-x32",
+    "square by mul f32": "x32 * x32",
+    "rsqrt f32": "x32.abs().rsqrt()",
+    "sub f64": "x64 - x64",
     "log_softmax f32": "logits.log_softmax(-1)",
     "logsumexp f32": "logits.logsumexp(-1)",
     "amax f32": "logits.amax(-1)",
@@ -131,6 +138,7 @@ def child(name: str, family: str) -> None:
     x64 = torch.randn(100000, generator=g, dtype=torch.float64).to(dev)
     ints = torch.ones(100000, dtype=torch.int32).to(dev)
     cpu_ids = torch.randint(0, 32000, (8, 2048), generator=g)
+    flat = (torch.arange(1024) * 32000 + target.cpu()).to(dev)  # each row's target in the flattened logits
     sync()
     env = dict(globals())
     env.update(locals())

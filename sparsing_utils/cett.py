@@ -52,7 +52,8 @@ __all__ = [
 #: this many rows, so that their shapes repeat across experts and layers: on an H200 a search's first
 #: call on the Mixtral-shaped benchmark model spent 0.33-0.60 s more than its second, most of it in the
 #: products of the experts' ~190 distinct row counts (cProfile); padded, 0.11-0.29 s (benchmarks/
-#: RESULTS.md, session 6). Not on the CPU (no such cost measured there; its answers stay bitwise).
+#: RESULTS.md, session 6). Coarser steps (at most 8 shapes per octave of rows) measured no better
+#: (session 9). Not on the CPU (no such cost measured there; its answers stay bitwise).
 GEMM_ROW_MULTIPLE = 128
 
 
@@ -252,7 +253,8 @@ def truncated_statistics(a, w_t: torch.Tensor, col_norms: torch.Tensor,
         return norms, kept
     if compact or (blocks is not None and bool((thresholds >= 0).all())):  # a negative threshold activates zeros
         parts = a.parts() if compact else _nonzero_blocks(a, blocks)
-        return _parts_truncated_statistics(parts, tokens, w, limits, norms, kept, cd, max_elements)
+        buffers = a.padded_buffers() if compact else None
+        return _parts_truncated_statistics(parts, tokens, w, limits, norms, kept, cd, max_elements, buffers)
     k_group = max(1, min(n_k, max_elements // max(1, d_ff)))
     for k0 in range(0, n_k, k_group):
         lim = limits[k0:k0 + k_group]  # [k, d_ff]
@@ -291,13 +293,16 @@ def _nonzero_blocks(a: torch.Tensor, blocks: tuple[int, int]) -> list[tuple[slic
 
 def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, torch.Tensor]], tokens: int,
                                 w: torch.Tensor, limits: torch.Tensor, norms: torch.Tensor, kept: torch.Tensor,
-                                cd: torch.dtype, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                cd: torch.dtype, max_elements: int,
+                                buffers: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`truncated_statistics` of an ``a [tokens, d_ff]`` given block by block, ``(columns, rows
     [r] ascending or None for every token, values [r or tokens, width])``, zero elsewhere: each
     block's masked copies ``[k, rows, width] @ w_block`` only on its rows, accumulated per token in
     float32 (the tail of the whole output, Eq. 2), then the norm. Chunks of tokens keep
     ``k * t * max(width, d_model) <= max_elements`` for the widest block: one expert's width, not
-    the layer's (on a GPU the products of a layer are few and launch-bound)."""
+    the layer's (on a GPU the products of a layer are few and launch-bound). ``buffers``: the first
+    blocks' rows and values already padded (``ExpertRows.padded_buffers``), taken when one chunk holds
+    every token."""
     d_out = w.shape[1]
     width = max(x.shape[1] for _, _, x in parts)
     n_k = limits.shape[0]
@@ -315,15 +320,17 @@ def _parts_truncated_statistics(parts: list[tuple[slice, torch.Tensor | None, to
             t = starts[c + 1] - t0
             s = torch.zeros(k, t, d_out, device=norms.device, dtype=torch.float32)  # [k, t, d_model] tail sums
             count = torch.zeros(k, t, device=norms.device, dtype=torch.int32) if kept is not None else None
-            for (col, r, x), b in zip(parts, bounds):
+            for j, ((col, r, x), b) in enumerate(zip(parts, bounds)):
                 if r is None:
                     rr, ac = None, x[t0:t0 + t]  # the dense columns, every token
+                elif buffers is not None and j < len(buffers) and len(starts) == 2:
+                    rr, ac = buffers[j] if len(r) else (r, x)  # padded once, for every evaluation
                 else:
                     rr, ac = r[b[c]:b[c + 1]] - t0, x[b[c]:b[c + 1]]  # [rows] in the chunk, [rows, width]
+                    # CUDA: zero rows on token 0, truncated everywhere: they add exactly 0 there
+                    ac, rr = (pad_rows(ac), pad_rows(rr)) if len(rr) else (ac, rr)
                 if ac.shape[0] == 0:
                     continue
-                if rr is not None:  # CUDA: zero rows on token 0, truncated everywhere: they add exactly 0 there
-                    ac, rr = pad_rows(ac), pad_rows(rr)
                 tail = ac.abs().unsqueeze(0) <= lim[:, col].unsqueeze(1)  # [k, rows, width] True = truncated
                 prod = ((ac.to(cd).unsqueeze(0) * tail).reshape(-1, ac.shape[1]) @ w[col]).view(k, -1, d_out)
                 active = ac.shape[1] - tail.sum(dim=-1, dtype=torch.int32) if count is not None else None  # [k, rows]

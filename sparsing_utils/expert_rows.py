@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cett
 from .cett import all_finite
 
 __all__ = ["ExpertRows"]
@@ -151,13 +152,45 @@ class ExpertRows:
         return ExpertRows(len(index), self.d_expert, rows, values, shared, (len(index),), self.ascending)
 
     @staticmethod
-    def cat(parts: Sequence[ExpertRows]) -> ExpertRows:
-        """Parts over consecutive tokens (batches) as one: each expert's rows offset by the tokens before."""
+    def cat(parts: Sequence[ExpertRows], *, padded: bool = False) -> ExpertRows:
+        """Parts over consecutive tokens (batches) as one: each expert's rows offset by the tokens before.
+
+        ``padded``: each expert's rows and values are written at the start of buffers of
+        :func:`~sparsing_utils.cett.gemm_rows` rows (on CUDA), zero rows after (token 0, values 0), and
+        held as views of them; :meth:`padded_buffers` hands the buffers to the products of the CETT
+        statistics, which would otherwise pad a copy at every evaluation (:func:`~sparsing_utils.cett.pad_rows`).
+        The entries are the same, held once."""
         first, offsets, n = parts[0], [], 0
         for p in parts:
             offsets.append(n)
             n += p.n_tokens
-        rows = [torch.cat([p.rows[e] + o for p, o in zip(parts, offsets)]) for e in range(first.num_experts)]
-        values = [torch.cat([p.values[e] for p in parts]) for e in range(first.num_experts)]
+        rows, values, buffers = [], [], []
+        for e in range(first.num_experts):
+            r = [p.rows[e] + o for p, o in zip(parts, offsets)]
+            x = [p.values[e] for p in parts]
+            m = sum(len(t) for t in r)
+            pad = cett.gemm_rows(m, x[0].device) - m if padded else 0
+            if pad:  # zero rows appended in the same copy
+                r.append(r[0].new_zeros(pad))
+                x.append(x[0].new_zeros(pad, x[0].shape[1]))
+            rb, xb = torch.cat(r), torch.cat(x)  # [m + pad], [m + pad, d_expert]
+            rows.append(rb[:m])
+            values.append(xb[:m])
+            buffers.append((rb, xb))
         shared = torch.cat([p.shared for p in parts]) if first.shared is not None else None
-        return ExpertRows(n, first.d_expert, rows, values, shared, (n,), all(p.ascending for p in parts))
+        out = ExpertRows(n, first.d_expert, rows, values, shared, (n,), all(p.ascending for p in parts))
+        if padded:
+            out._buffers = buffers
+        return out
+
+    def with_row_padding(self) -> ExpertRows:
+        """The same entries, sorted, held in padded buffers (:meth:`cat` with ``padded``; one copy on CUDA),
+        for a layer whose statistics are evaluated several times."""
+        a = self.sorted()
+        return ExpertRows.cat([a], padded=True) if a.device.type == "cuda" else a  # the CPU pads nothing
+
+    def padded_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per expert, its rows ``[gemm_rows(n_e)]`` and values ``[gemm_rows(n_e), d_expert]`` with the zero
+        rows after the stored ones (:meth:`cat` with ``padded``), or None when not held so. Views that
+        outlive a ``sorted()``, ``map()`` or ``take()`` are not carried over (those make new entries)."""
+        return getattr(self, "_buffers", None)

@@ -99,9 +99,10 @@ def _take(a: torch.Tensor | ExpertRows, index: torch.Tensor) -> torch.Tensor | E
     return a.take(index) if isinstance(a, ExpertRows) else a.index_select(0, index.to(a.device))
 
 
-def _cat(pieces: list) -> torch.Tensor | ExpertRows:
-    """Batches of one layer's activations, in token order, as one."""
-    return ExpertRows.cat(pieces) if isinstance(pieces[0], ExpertRows) else torch.cat(pieces)
+def _cat(pieces: list, *, padded: bool = False) -> torch.Tensor | ExpertRows:
+    """Batches of one layer's activations, in token order, as one (``padded``: an MoE layer's held
+    for repeated products, ``ExpertRows.cat``)."""
+    return ExpertRows.cat(pieces, padded=padded) if isinstance(pieces[0], ExpertRows) else torch.cat(pieces)
 
 
 def _sum32(a: torch.Tensor | ExpertRows) -> torch.Tensor:  # 0-dim float32

@@ -299,7 +299,7 @@ class SparsityProbe:
         if count == 0:
             raise ValueError("no predicted tokens: every block is padding or shorter than 2 tokens")
         self.dense = PassStats(nll, count, token_nll=torch.cat(token_nll).float().cpu())
-        a_all = [_cat(x) for x in acts]
+        a_all = [_cat(x, padded=self.mode == "memory") for x in acts]  # memory: evaluated again and again
         y_all = [torch.cat(x) for x in ynorms]
         acts.clear()  # the per-batch pieces
         ynorms.clear()
@@ -572,8 +572,8 @@ class SparsityProbe:
 
         def read(site: FFNSite, a: torch.Tensor | ExpertRows, y: torch.Tensor):
             i = site.index
-            av = rows(a)  # [tokens, d_ff]; an MoE layer's sorted once here, not in each evaluation
-            state = {"a": av.sorted() if isinstance(av, ExpertRows) else av, "yn": l2_norm(rows(y)),  # [tokens]
+            av = rows(a)  # [tokens, d_ff]; an MoE layer's sorted (CUDA: padded) once here, not in each evaluation
+            state = {"a": av.with_row_padding() if isinstance(av, ExpertRows) else av, "yn": l2_norm(rows(y)),  # [tokens]
                      "w_t": site.weight_t().detach(),
                      "blocks": site.expert_blocks, "points": [],
                      "steps": refine_steps(CETTCurve(curve.eps[i:i + 1], curve.cett[i:i + 1]), c, tol=tol)}

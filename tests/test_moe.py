@@ -982,10 +982,47 @@ def test_pad_rows_pads_on_cuda_only():
     none are needed."""
     from sparsing_utils import cett
 
-    assert [cett.gemm_rows(n, torch.device("cuda")) for n in (1, 127, 128, 129, 4000)] == [128, 128, 128, 256, 4096]
+    assert [cett.gemm_rows(n, torch.device("cuda")) for n in (0, 1, 127, 128, 129, 4000)] == [0, 128, 128, 128, 256, 4096]
     assert [cett.gemm_rows(n, torch.device("cpu")) for n in (1, 129)] == [1, 129]
     t = torch.arange(6.0).reshape(3, 2)
     assert cett.pad_rows(t) is t
+
+
+def test_memory_mode_pads_stored_expert_rows_once(monkeypatch):
+    """Memory mode holds each MoE layer's stored rows in buffers padded once (ExpertRows.cat(padded=True)):
+    the exact CETT evaluations then pad nothing, and give the answers of rows padded at every evaluation."""
+    from sparsing_utils import cett
+    from sparsing_utils.expert_rows import ExpertRows
+
+    monkeypatch.setattr(cett, "gemm_rows", lambda n, device: -(-n // 16) * 16 + 16)  # padding forced on the CPU
+    model = build("mixtral")
+    probe = SparsityProbe(model, Blocks(ids(batch=4, seq=11, seed=3)), batch_size=2)
+    probe.prepare()
+    held = [a for a in probe._acts if isinstance(a, ExpertRows)]
+    assert held
+    for a in held:
+        for r, x, (rb, xb) in zip(a.rows, a.values, a.padded_buffers()):
+            n = len(r)
+            assert rb.shape[0] == xb.shape[0] == -(-n // 16) * 16 + 16
+            assert torch.equal(rb[:n], r) and torch.equal(xb[:n], x)
+            assert r.data_ptr() == rb.data_ptr() and x.data_ptr() == xb.data_ptr()  # views: the entries held once
+            assert not rb[n:].any() and not xb[n:].any()
+    eps = torch.full((len(probe.sites),), 0.05)
+    calls = []
+
+    def spy(t, _pad=cett.pad_rows):
+        calls.append(t.shape[0])
+        return _pad(t)
+
+    monkeypatch.setattr(cett, "pad_rows", spy)
+    with_buffers = probe.layer_cett(eps)
+    assert calls == []  # no padding per evaluation
+    for i, a in enumerate(probe._acts):  # the same rows without their buffers: padded at the evaluation
+        if isinstance(a, ExpertRows):
+            probe._acts[i] = ExpertRows(a.n_tokens, a.d_expert, a.rows, a.values, a.shared, a.lead, a.ascending)
+    padded_each_time = probe.layer_cett(eps)
+    assert calls  # the padding ran
+    assert torch.equal(with_buffers, padded_each_time)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "remote_deepseek"])
