@@ -1025,6 +1025,27 @@ def test_memory_mode_pads_stored_expert_rows_once(monkeypatch):
     assert torch.equal(with_buffers, padded_each_time)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the rows are padded for products on CUDA only")
+def test_cuda_stored_expert_rows_padded_once():
+    """On CUDA (where cett.gemm_rows pads): memory mode's stored rows sit in buffers of gemm_rows rows, and
+    the exact CETT of every layer is bitwise that of the same rows padded at each evaluation."""
+    from sparsing_utils import cett
+    from sparsing_utils.expert_rows import ExpertRows
+
+    model = build("mixtral").to("cuda")
+    probe = SparsityProbe(model, Blocks(ids(batch=4, seq=11, seed=3)), batch_size=2).prepare()
+    held = [a for a in probe._acts if isinstance(a, ExpertRows)]
+    assert held
+    for a in held:
+        for r, (rb, _) in zip(a.rows, a.padded_buffers()):
+            assert rb.shape[0] == cett.gemm_rows(len(r), rb.device) and rb.is_cuda
+    eps = torch.full((len(probe.sites),), 0.05)
+    once = probe.layer_cett(eps)
+    probe._acts = [ExpertRows(a.n_tokens, a.d_expert, a.rows, a.values, a.shared, a.lead, a.ascending)
+                   if isinstance(a, ExpertRows) else a for a in probe._acts]
+    assert torch.equal(once, probe.layer_cett(eps))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss", "remote_deepseek"])
 def test_padded_expert_rows_give_the_same_answers(family, monkeypatch):
     """The padding CUDA gets (cett.pad_rows), forced on the CPU with odd multiples: the experts' outputs,
