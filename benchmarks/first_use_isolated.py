@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # name -> statement; the names a, a32, keep, lim32, lim16, w_t, logits, target, idx, x32, x64, ints,
-# cpu_ids, flat are defined in the child (shapes of one layer of a SmolLM2-sized model, 4,096 tokens).
+# cpu_ids, flat, i64 are defined in the child (shapes of one layer of a SmolLM2-sized model, 4,096 tokens).
 OPS = {
     "noop (a + 0)": "a + 0",
     "abs bf16": "a.abs()",
@@ -92,6 +92,15 @@ OPS = {
     "ne bf16": "a != 0",
     "any dim": "keep.any(dim=-1)",
     "topk": "x32.topk(8, dim=-1)",
+    # the MoE's hooked expert loop (sparsing_utils.moe): routing order, rows, padding, the ran mask
+    "argsort stable int64": "i64.argsort(stable=True)",
+    "floor_divide int64": "i64 // 4096",
+    "remainder int64": "i64 % 4096",
+    "sub and mul int64 (a remainder without %)": "i64 - (i64 // 4096) * 4096",
+    "pad int64 (cett.pad_rows of rows)": "F.pad(i64, (0, 100))",
+    "pad bf16 rows (cett.pad_rows of values)": "F.pad(a, (0, 0, 0, 100))",
+    "scatter_ bool (the ran mask)": "torch.zeros(4096, 9, dtype=torch.bool, device=dev).scatter_(1, i64[:8192].view(4096, 2) % 9, True)",
+    "index bf16 rows by int64 (h[tok])": "a[i64[:2048] % 4096]",
 }
 
 FAMILIES = {  # small random models; the forward's kernels are what matter, not the size
@@ -139,6 +148,7 @@ def child(name: str, family: str) -> None:
     ints = torch.ones(100000, dtype=torch.int32).to(dev)
     cpu_ids = torch.randint(0, 32000, (8, 2048), generator=g)
     flat = (torch.arange(1024) * 32000 + target.cpu()).to(dev)  # each row's target in the flattened logits
+    i64 = torch.randint(0, 2 * 4096, (8192,), generator=g).to(dev)  # top-2 routing slots of 4,096 tokens
     sync()
     env = dict(globals())
     env.update(locals())
