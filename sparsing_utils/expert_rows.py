@@ -134,8 +134,9 @@ class ExpertRows:
         return all_finite(torch.stack([x.sum(dtype=torch.float32) for x in pieces]))
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.rows, *self.values, self.shared) if t is not None)
+    def nbytes(self) -> int:  # the padded buffers where the entries are held in them
+        held = [t for pair in self.padded_buffers() or [] for t in pair] or [*self.rows, *self.values]
+        return sum(t.numel() * t.element_size() for t in (*held, self.shared) if t is not None)
 
     def take(self, index: torch.Tensor) -> ExpertRows:
         """The tokens ``index [m]`` (ascending), renumbered ``0..m-1``: rows of the real tokens of a
@@ -191,6 +192,6 @@ class ExpertRows:
 
     def padded_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per expert, its rows ``[gemm_rows(n_e)]`` and values ``[gemm_rows(n_e), d_expert]`` with the zero
-        rows after the stored ones (:meth:`cat` with ``padded``), or None when not held so. Views that
-        outlive a ``sorted()``, ``map()`` or ``take()`` are not carried over (those make new entries)."""
+        rows after the stored ones (:meth:`cat` with ``padded``), or None when not held so (``map()``,
+        ``take()`` and ``gather()`` make new entries, without buffers)."""
         return getattr(self, "_buffers", None)

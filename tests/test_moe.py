@@ -1007,6 +1007,9 @@ def test_memory_mode_pads_stored_expert_rows_once(monkeypatch):
             assert torch.equal(rb[:n], r) and torch.equal(xb[:n], x)
             assert r.data_ptr() == rb.data_ptr() and x.data_ptr() == xb.data_ptr()  # views: the entries held once
             assert not rb[n:].any() and not xb[n:].any()
+        shared = 0 if a.shared is None else a.shared.numel() * a.shared.element_size()
+        assert a.nbytes == shared + sum(rb.numel() * rb.element_size() + xb.numel() * xb.element_size()
+                                        for rb, xb in a.padded_buffers())  # the memory held, padding included
     eps = torch.full((len(probe.sites),), 0.05)
     calls = []
 
