@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -76,14 +75,7 @@ def main(argv=None) -> list[dict]:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             n_blocks, block_len = bsh.TOKENS[device.type]
             model, info = bsh.build_model(shape, device, dtype, args.seed, block_len)
-            if args.data == "random":
-                g = torch.Generator().manual_seed(args.seed)
-                ids = torch.randint(0, info["vocab"], (n_blocks, block_len), generator=g)
-            else:
-                gen_len = min(bsh.GEN_LEN[device.type], block_len)
-                ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
-                                            batch_size=n_blocks * -(-block_len // gen_len))
-            blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+            blocks = bsh.token_blocks(model, info["vocab"], device, args.data, args.seed, n_blocks, block_len)
             batch = max(1, (32768 if device.type == "cuda" else 4096) // block_len)
             fwd_s = bs.time_forward(model, blocks, batch, repeats=5)["median_s"]
             times: dict[str, list[float]] = {k: [] for k in sides}

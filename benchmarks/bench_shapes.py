@@ -111,6 +111,23 @@ def _config(shape: Shape, device: str, block_len: int):
                         bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra)
 
 
+def token_blocks(model, vocab: int, device, data: str, seed: int, n_blocks: int, block_len: int) -> SimpleNamespace:
+    """A benchmark's token blocks (no padding): sampled from the model itself (``data="self"``, see
+    bench_search.py's module doc) or uniform random ids (``"random"``: the same work in every call)."""
+    import torch
+
+    sys.path.insert(0, _HERE)
+    import bench_search as bs
+
+    if data == "random":
+        ids = torch.randint(0, vocab, (n_blocks, block_len), generator=torch.Generator().manual_seed(seed))
+    else:
+        gen_len = min(GEN_LEN[device.type], block_len)
+        ids = bs.self_generated_ids(model, n_blocks, block_len, seed=seed, gen_len=gen_len,
+                                    batch_size=n_blocks * math.ceil(block_len / gen_len))
+    return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
 def build_model(name: str, device, dtype, seed: int, block_len: int):
     """A random-initialised model of a shape, initialised in float32 with a fixed seed on the
     device itself (the CPU's initialisation of the larger shapes would take longer than their
@@ -177,14 +194,7 @@ def run_child(args) -> dict:
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         out["skipped"] = f"find_ffn_sites: {type(exc).__name__}: {exc}"
         return out
-    if args.data == "random":
-        g = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(0, info["vocab"], (n_blocks, block_len), generator=g)
-    else:
-        gen_len = min(GEN_LEN[device.type], block_len)
-        ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
-                                    batch_size=n_blocks * math.ceil(block_len / gen_len))
-    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    blocks = token_blocks(model, info["vocab"], device, args.data, args.seed, n_blocks, block_len)
     out["setup_s"] = time.perf_counter() - t0
     batch = max(1, (32768 if device.type == "cuda" else 4096) // block_len)
     fwd = bs.time_forward(model, blocks, batch, repeats=args.repeats)

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -132,10 +131,7 @@ def run_shape(name: str, args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n_blocks, block_len = bsh.TOKENS[device.type]
     model, info = bsh.build_model(name, device, dtype, args.seed, block_len)
-    gen_len = min(bsh.GEN_LEN[device.type], block_len)
-    ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
-                                batch_size=n_blocks * math.ceil(block_len / gen_len))
-    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    blocks = bsh.token_blocks(model, info["vocab"], device, "self", args.seed, n_blocks, block_len)
     probe = SparsityProbe(model, blocks, mode="memory")
     t0 = time.perf_counter()
     table = EvaluationTable([probe])

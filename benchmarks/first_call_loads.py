@@ -20,13 +20,11 @@ import argparse
 import bisect
 import collections
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -96,11 +94,8 @@ def run_child(args) -> dict:
 
     device = torch.device("cuda")
     n_blocks, block_len = bsh.TOKENS["cuda"]
-    model, _ = bsh.build_model(args.child, device, torch.bfloat16, args.seed, block_len)
-    gen_len = min(bsh.GEN_LEN["cuda"], block_len)
-    ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
-                                batch_size=n_blocks * math.ceil(block_len / gen_len))
-    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model, info = bsh.build_model(args.child, device, torch.bfloat16, args.seed, block_len)
+    blocks = bsh.token_blocks(model, info["vocab"], device, "self", args.seed, n_blocks, block_len)
     batch = max(1, 32768 // block_len)
     fwd_s = bs.time_forward(model, blocks, batch, repeats=5)["median_s"]
     out: dict = {"shape": args.child, "forward_s": fwd_s, "mode": args.mode}

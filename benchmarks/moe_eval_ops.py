@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -62,8 +61,7 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n_blocks, block_len = bsh.TOKENS[device.type]
     model, info = bsh.build_model(args.shape, device, dtype, args.seed, block_len)
-    ids = torch.randint(0, info["vocab"], (n_blocks, block_len), generator=torch.Generator().manual_seed(args.seed))
-    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    blocks = bsh.token_blocks(model, info["vocab"], device, "random", args.seed, n_blocks, block_len)
     probe = SparsityProbe(model, blocks, mode="memory", batch_size=max(1, 32768 // block_len)).prepare()
     eps = probe.thresholds_for(0.1, exact=False)[0]  # [layers] a threshold near the search's
     held = list(probe._acts)

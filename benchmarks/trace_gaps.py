@@ -25,12 +25,10 @@ import bisect
 import collections
 import gzip
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -157,13 +155,7 @@ def main(argv=None) -> dict:
 
     n_blocks, block_len = bsh.TOKENS["cuda"]
     model, info = bsh.build_model(args.shape, device, torch.bfloat16, args.seed, block_len)
-    if args.data == "random":
-        ids = torch.randint(0, info["vocab"], (n_blocks, block_len), generator=torch.Generator().manual_seed(args.seed))
-    else:
-        gen_len = bsh.GEN_LEN["cuda"]
-        ids = bs.self_generated_ids(model, n_blocks, block_len, seed=args.seed, gen_len=gen_len,
-                                    batch_size=n_blocks * math.ceil(block_len / gen_len))
-    blocks = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+    blocks = bsh.token_blocks(model, info["vocab"], device, args.data, args.seed, n_blocks, block_len)
     fwd_s = bs.time_forward(model, blocks, max(1, 32768 // block_len), repeats=5)["median_s"]
     search_ppl_p(SparsityProbe(model, blocks, mode=args.mode), args.p)  # warm: kernels loaded
     probe = SparsityProbe(model, blocks, mode=args.mode)
