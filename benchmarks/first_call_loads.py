@@ -154,7 +154,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--min-ms", type=float, default=1.0, help="launch calls at least this long are listed")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--stack", action="store_true",
-                    help="also the package frames of each operator (Python stacks: host times inflated, compare deltas)")
+                    help="also the package frames of each operator (Python stacks: host times inflated, compare deltas; "
+                         "names them on the CPU, not yet on the H200, where every operator came back under '?')")
     ap.add_argument("--out", default=None, help="all results as JSON (written atomically)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
