@@ -83,6 +83,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# The next-token loss of a batch is taken on float32 copies of at most this many bytes of logits at a time
+# (whole blocks; at least one): the float32 copy and its log-softmax are the passes' largest temporaries
+# (16,384 tokens of a 49,152-word vocabulary: 3.2 GB each, at once), and each token's loss is the same
+# whatever rows it is computed with.
+LOSS_CHUNK_BYTES = 512 * 2**20
+
+
+def token_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # [batch, seq]
+    """Next-token NLL ``[batch, seq]`` of ``logits [batch, seq, vocab]`` at ``target [batch, seq]``
+    (0 where the target is -100), in float32, on :data:`LOSS_CHUNK_BYTES` of float32 logits at a time."""
+    per = max(1, LOSS_CHUNK_BYTES // (4 * logits.shape[1] * logits.shape[2]))  # blocks per chunk
+    parts = [F.cross_entropy(logits[i:i + per].float().reshape(-1, logits.shape[-1]),  # one copy of the slice
+                             target[i:i + per].reshape(-1), reduction="none", ignore_index=-100)
+             for i in range(0, logits.shape[0], per)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view_as(target)
+
+
 # Stream mode's one-pass refinement (SparsityProbe._refine_in_one_pass): a layer's evaluations may run
 # at most this many layers' hooks behind its own, so that at most this many more layers' activations
 # ``[tokens, d_ff]`` are held at once than one (issue 10; most layers need one or two evaluations).
@@ -210,10 +227,7 @@ class SparsityProbe:
                     out = None
                 if compute_loss:
                     logits = out.logits[:, :-1]  # [batch, seq-1, vocab]
-                    target = target.to(logits.device)
-                    # float32 first: one copy of the (non-contiguous) slice, not a copy and then a conversion
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                           reduction="none", ignore_index=-100).view_as(target)
+                    loss = token_losses(logits, target.to(logits.device))  # [batch, seq-1]
                     if token_nll is not None:
                         token_nll.append(loss)
                     nll += loss.double().sum().to(self.device)  # the head may sit on another GPU

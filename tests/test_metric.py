@@ -142,6 +142,44 @@ def test_dense_pass_matches_model_loss(trained_llama, probe):
     assert 1.5 < probe.dense.ppl < 12  # the model has learned the chain (uniform would be 101)
 
 
+def test_token_losses_in_chunks_brute_force(monkeypatch):
+    """The passes' loss taken on a few blocks of float32 logits at a time: each token's NLL is
+    -log_softmax at its target (float64 brute force), 0 at ignored targets, and bitwise the same
+    whatever the chunk (one block, three, all)."""
+    import sparsing_utils.probe as probe_mod
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 12, 37, generator=g).to(torch.bfloat16)  # [batch, seq, vocab], odd sizes
+    target = torch.randint(0, 37, (7, 12), generator=g)
+    target[2, 5:] = -100
+    target[6, 0] = -100
+    brute = -torch.log_softmax(logits.double(), dim=-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    brute[target == -100] = 0.0
+    got = {}
+    for blocks in (1, 3, 7):
+        monkeypatch.setattr(probe_mod, "LOSS_CHUNK_BYTES", blocks * 4 * 12 * 37)
+        got[blocks] = probe_mod.token_losses(logits[:, :], target)
+        assert got[blocks].dtype == torch.float32 and got[blocks].shape == (7, 12)
+        assert torch.allclose(got[blocks].double(), brute, atol=1e-5, rtol=0)
+    assert torch.equal(got[1], got[3]) and torch.equal(got[1], got[7])
+    assert got[1][2, 5:].eq(0).all() and got[1][6, 0] == 0
+
+
+def test_dense_pass_same_with_one_block_per_loss_chunk(trained_llama, monkeypatch):
+    """The dense pass's per-token NLL and sum do not depend on how many blocks a loss chunk holds."""
+    import sparsing_utils.probe as probe_mod
+
+    out = []
+    for chunk in (probe_mod.LOSS_CHUNK_BYTES, 1):  # the default (every block at once here), one block per chunk
+        monkeypatch.setattr(probe_mod, "LOSS_CHUNK_BYTES", chunk)
+        pr = SparsityProbe(trained_llama.model, trained_llama.blocks(), mode="memory")
+        pr.prepare()
+        out.append((pr.dense.nll_sum, pr.dense.token_nll.clone()))
+        pr.release()
+    assert out[0][0] == out[1][0]
+    assert torch.equal(out[0][1], out[1][1])
+
+
 @pytest.mark.parametrize("p", [1, 5])
 def test_search_hits_target(probe, searched, p):
     r = searched[p]
