@@ -226,17 +226,21 @@ def test_guide_tokens_are_chosen_inside_each_block():
     assert torch.equal(curve_token_mask(mask, 1), mask.bool())
 
 
-@pytest.mark.parametrize("stride", [1, 3, 7])
-def test_guide_rows_of_whole_blocks_as_a_strided_copy(stride):
+@pytest.mark.parametrize("block_len", [14, 12])  # 12: a multiple of both strides > 1 (a reshape could be a view)
+@pytest.mark.parametrize("stride", [1, 3, 6, 7])
+def test_guide_rows_of_whole_blocks_as_a_strided_copy(stride, block_len):
     """Blocks without padding: the guide rows taken by a strided view (no index kernel) are those of
-    curve_token_mask, in the same order, for a [tokens, d] and a [tokens] tensor."""
+    curve_token_mask, in the same order, for a [tokens, d] and a [tokens] tensor; with a stride, a copy
+    that holds only those rows (a view would keep the whole batch alive: stream mode's memory)."""
     from sparsing_utils.probe import _every_stride, curve_token_mask
 
-    mask = torch.ones(5, 14, dtype=torch.long)
-    x = torch.randn(70, 3)
+    mask = torch.ones(5, block_len, dtype=torch.long)
+    x = torch.randn(5 * block_len, 3)
     want = x[curve_token_mask(mask, stride).reshape(-1)]
-    assert torch.equal(_every_stride(x, 5, stride), want)
-    assert torch.equal(_every_stride(x[:, 0].contiguous(), 5, stride), want[:, 0])
+    for got, w in ((_every_stride(x, 5, stride), want), (_every_stride(x[:, 0].contiguous(), 5, stride), want[:, 0])):
+        assert torch.equal(got, w)
+        if stride > 1:
+            assert got.untyped_storage().nbytes() == w.numel() * w.element_size()  # its own rows only
 
 
 def test_guide_stride_is_capped_by_the_shortest_block():

@@ -180,6 +180,33 @@ def test_dense_pass_same_with_one_block_per_loss_chunk(trained_llama, monkeypatc
     assert torch.equal(out[0][1], out[1][1])
 
 
+def test_stream_dense_pass_keeps_only_the_guide_rows(trained_llama, monkeypatch):
+    """Stream mode over several batches keeps each batch's guide rows as their own copies, never a view
+    that holds the batch's whole activations (its memory grew with the tokens on the H200, session 10),
+    and its curves are memory mode's."""
+    import sparsing_utils.probe as probe_mod
+
+    kept = []
+    real = probe_mod._every_stride
+
+    def spy(x, blocks, stride):
+        out = real(x, blocks, stride)
+        kept.append((stride, out.untyped_storage().nbytes(), out.numel() * out.element_size()))
+        return out
+
+    monkeypatch.setattr(probe_mod, "_every_stride", spy)
+    curves = {}
+    for mode in ("stream", "memory"):
+        pr = SparsityProbe(trained_llama.model, trained_llama.blocks(), mode=mode, batch_size=3, curve_tokens=128)
+        pr.prepare()
+        curves[mode] = pr.curve
+        pr.release()
+    assert kept and all(stride == 8 for stride, _, _ in kept)  # 1,024 tokens / 128, blocks of 64
+    assert all(held == own for _, held, own in kept)
+    assert torch.equal(curves["stream"].eps, curves["memory"].eps)
+    assert torch.equal(curves["stream"].cett, curves["memory"].cett)
+
+
 @pytest.mark.parametrize("p", [1, 5])
 def test_search_hits_target(probe, searched, p):
     r = searched[p]
