@@ -116,10 +116,10 @@ def _sum32(a: torch.Tensor | ExpertRows) -> torch.Tensor:  # 0-dim float32
 
 def _every_stride(x: torch.Tensor, blocks: int, stride: int) -> torch.Tensor:
     """Rows ``stride - 1, 2 * stride - 1, ...`` of every block of ``x [blocks * block_len, ...]``
-    (:func:`curve_token_mask` of blocks without padding), as one copy: a strided view, no index
-    kernel (``index_select``'s first use in a process costs about 20 ms on an H200). A copy, not a view:
-    a view of the batch's rows would keep all of them alive (stream mode's memory grew with the tokens,
-    4.7 -> 24 GiB from 16,384 to 131,072 tokens on the 836M Llama, benchmarks/RESULTS.md session 10)."""
+    (:func:`curve_token_mask` of blocks without padding), copied out through a strided slice: no index
+    kernel (``index_select``'s first use in a process costs about 20 ms on an H200). Always a copy when
+    ``stride > 1``: a view would keep the whole batch's rows alive (stream mode's memory grew with the
+    tokens, 4.7 -> 24 GiB from 16,384 to 131,072 tokens on the 836M Llama, benchmarks/RESULTS.md session 10)."""
     v = x.view(blocks, -1, *x.shape[1:])  # [blocks, block_len, ...]
     if stride == 1:  # every row: x itself (the caller keeps all of them anyway)
         return x
