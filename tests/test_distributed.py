@@ -229,7 +229,7 @@ def test_guide_tokens_are_chosen_inside_each_block():
 @pytest.mark.parametrize("block_len", [14, 12])  # 12: a multiple of both strides > 1 (a reshape could be a view)
 @pytest.mark.parametrize("stride", [1, 3, 6, 7])
 def test_guide_rows_of_whole_blocks_as_a_strided_copy(stride, block_len):
-    """Blocks without padding: the guide rows taken by a strided view (no index kernel) are those of
+    """Blocks without padding: the guide rows taken through a strided slice (no index kernel) are those of
     curve_token_mask, in the same order, for a [tokens, d] and a [tokens] tensor; with a stride, a copy
     that holds only those rows (a view would keep the whole batch alive: stream mode's memory)."""
     from sparsing_utils.probe import _every_stride, curve_token_mask
